@@ -1,0 +1,339 @@
+"""Packed (padding-free) training forward for Hugging Face causal LMs.
+
+Three pieces, no model code edited:
+
+1. `varlen_attention`: causal attention restricted to each sequence of a packed stream
+   (`[N, heads, head_dim]` + `cu_seqlens`), dispatched to
+     - flash-attn's `flash_attn_varlen_func` on CUDA in fp16/bf16 when flash-attn is installed,
+     - `torch.nn.attention.varlen.varlen_attn` on CUDA in fp16/bf16 otherwise,
+     - one `scaled_dot_product_attention` call per sequence elsewhere (CPU, fp32/fp64 anywhere: the
+       flash kernels only take half precision). Exact, slow for many sequences; it is the reference.
+   GQA (fewer key/value heads than query heads) is handled natively by all three.
+
+2. `register_packed_attention()`: registers `PACKED_ATTENTION` ("rlprims_packed") in transformers'
+   `AttentionInterface` (and a mask function in `AttentionMaskInterface`). This changes transformers'
+   global registry, so it is an explicit call (idempotent), never done at import. Then select it per model:
+       register_packed_attention()
+       model.set_attn_implementation(PACKED_ATTENTION)      # or from_pretrained(attn_implementation=...)
+   The attention function takes the varlen path when the forward is given `cu_seq_lens_q` (transformers
+   forwards the keyword arguments of `model.model(...)` to every attention call, the same route its own
+   flash-attention path uses); without them it behaves as "sdpa", padded masks included, so the same
+   model still runs padded batches and `generate`.
+
+3. `packed_hidden_states`, `response_logprobs`, `response_logprobs_and_entropy`: pack a padded batch,
+   run the backbone (`model.get_decoder()`) on the stream, and compute log-probs / entropy of the
+   response tokens with the chunked `rlprims.ops.logprobs` functions against the LM-head weight (tied
+   embeddings work: the head's weight is the embedding matrix and receives both gradients). Results come
+   back in `[B, T]`, shifted: `logprobs[b, t]` is the log-prob of `input_ids[b, t]`.
+
+Note for FSDP2: these helpers call the backbone and read `lm_head.weight` directly, not the root
+module's forward; when the root module is sharded, unshard its parameters around the call (the
+parallel layer's job).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rlprims.ops._validate import check_mask, check_tensor
+from rlprims.ops.logprobs import DEFAULT_CHUNK_SIZE, LogprobsEntropy, logprobs_and_entropy, logprobs_from_hidden
+from rlprims.ops.packing import PackedSequences, pack_sequences, packed_response_positions
+
+__all__ = [
+    "PACKED_ATTENTION",
+    "varlen_attention",
+    "packed_attention_forward",
+    "register_packed_attention",
+    "packed_hidden_states",
+    "response_logprobs",
+    "response_logprobs_and_entropy",
+]
+
+PACKED_ATTENTION = "rlprims_packed"
+
+
+@functools.cache
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _sdpa_varlen(query: Tensor, key: Tensor, value: Tensor, bounds: list[int], scale: float | None, causal: bool):
+    gqa = query.shape[1] != key.shape[1]
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        q = query[a:b].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+        k = key[a:b].transpose(0, 1).unsqueeze(0)
+        v = value[a:b].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def varlen_attention(
+    query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, *, max_seqlen: int, scale: float | None, causal: bool
+) -> Tensor:
+    """Attention within each packed sequence:  o_i = Σ_{j ∈ seq(i), j ≤ i} softmax_j(s·q_i·k_j) v_j.
+
+    `causal=False` drops the j ≤ i condition. s = `scale` (None: 1/√head_dim). Query head h uses key/value
+    head h // (Hq / Hkv) (GQA). Backend: flash-attn varlen (CUDA, fp16/bf16, if installed), else torch's
+    `varlen_attn` (CUDA, fp16/bf16), else per-sequence SDPA (see module docstring). Differentiable.
+    Shapes: query [N, Hq, D], key/value [N, Hkv, D] (Hq divisible by Hkv), cu_seqlens [S+1] int32
+            (0 = cu_seqlens[0] < ... < cu_seqlens[S] = N), max_seqlen = max L_s -> [N, Hq, D].
+    """
+    check_tensor("query", query, ndim=3, floating=True)
+    check_tensor("key", key, ndim=3, floating=True)
+    check_tensor("value", value, ndim=3, floating=True)
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1)
+    n, hq, d = query.shape
+    if key.shape != value.shape or key.shape[0] != n or key.shape[2] != d or hq % key.shape[1] != 0:
+        raise ValueError(
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}: need [N, Hq, D], "
+            "[N, Hkv, D], [N, Hkv, D] with Hq divisible by Hkv"
+        )
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if query.is_cuda and half:
+        cu = cu_seqlens.to(query.device)
+        flash = _flash_attn_varlen()
+        if flash is not None:
+            return flash(query, key, value, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal)
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(
+            query.contiguous(),
+            key.contiguous(),
+            value.contiguous(),
+            cu,
+            cu,
+            max_seqlen,
+            max_seqlen,
+            scale=scale,
+            window_size=(-1, 0) if causal else (-1, -1),
+            enable_gqa=hq != key.shape[1],
+        )
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != n or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must increase strictly from 0 to N={n}, got {bounds[:8]}...")
+    return _sdpa_varlen(query, key, value, bounds, scale, causal)
+
+
+def packed_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    cu_seq_lens_q: Tensor | None = None,
+    cu_seq_lens_k: Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,  # transformers passes model-specific extras (position_ids, output_attentions, ...)
+) -> tuple[Tensor, None]:
+    """The attention function registered as `PACKED_ATTENTION` (transformers' AttentionInterface signature).
+
+    With `cu_seq_lens_q`: a packed batch, query [1, Hq, N, D], key/value [1, Hkv, N, D] ->
+    `varlen_attention` -> ([1, N, Hq, D], None). Without: transformers' SDPA attention (padded batches).
+    Rejects what the varlen path would silently get wrong: attention dropout, logit soft-capping, a
+    sliding window shorter than a sequence, packed position ids without cu_seq_lens.
+    """
+    if cu_seq_lens_q is None:
+        position_ids = kwargs.get("position_ids")
+        if (
+            attention_mask is None
+            and isinstance(position_ids, Tensor)
+            and position_ids.shape[-1] > 1
+            and not torch.compiler.is_compiling()
+            and bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
+        ):
+            raise ValueError(
+                f"attention '{PACKED_ATTENTION}' got position_ids that restart (a packed batch) but no "
+                "cu_seq_lens_q: pass cu_seq_lens_q/k and max_length_q/k (see packed_hidden_states)"
+            )
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+            sliding_window=sliding_window, softcap=softcap, **kwargs,
+        )
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError(
+            f"packed attention expects one packed row and no attention mask, got query {tuple(query.shape)} "
+            f"and attention_mask {None if attention_mask is None else tuple(attention_mask.shape)}"
+        )
+    if dropout > 0.0:
+        raise ValueError(f"packed attention does not implement attention dropout (got {dropout}); set it to 0")
+    if softcap is not None:
+        raise ValueError(f"packed attention does not implement attention logit soft-capping (softcap={softcap})")
+    max_q = int(max_length_q) if max_length_q is not None else query.shape[2]
+    if sliding_window is not None and max_q > sliding_window:
+        raise ValueError(
+            f"packed attention does not implement sliding windows: sliding_window={sliding_window} < "
+            f"max sequence length {max_q}"
+        )
+    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and cu_seq_lens_k.shape != cu_seq_lens_q.shape:
+        raise ValueError("packed attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention over one stream)")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = varlen_attention(
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        cu_seq_lens_q.to(torch.int32),
+        max_seqlen=max_q,
+        scale=scaling,
+        causal=bool(causal),
+    )
+    return out.unsqueeze(0), None
+
+
+def _padded_mask(*args, attention_mask: Tensor | None = None, **kwargs):
+    """Mask function for PACKED_ATTENTION: SDPA's mask for padded batches, none for packed/unpadded ones."""
+    if attention_mask is None:
+        return None  # unpadded (plain causal in SDPA) or packed (cu_seq_lens carry the structure)
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_packed_attention() -> str:
+    """Register `PACKED_ATTENTION` with transformers (global state; idempotent) and return its name.
+
+    Then `model.set_attn_implementation(PACKED_ATTENTION)` or
+    `AutoModelForCausalLM.from_pretrained(..., attn_implementation=PACKED_ATTENTION)`.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _padded_mask)
+    return PACKED_ATTENTION
+
+
+def _check_model(model: nn.Module) -> nn.Module:
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl != PACKED_ATTENTION:
+        raise ValueError(
+            f"model uses attention implementation {impl!r}; packed forward needs {PACKED_ATTENTION!r}: call "
+            "register_packed_attention() and model.set_attn_implementation(PACKED_ATTENTION)"
+        )
+    return model
+
+
+def packed_hidden_states(model: nn.Module, packed: PackedSequences) -> Tensor:
+    """Final hidden states (after the last norm) of the backbone on a packed stream.
+
+    Runs `model.get_decoder()` on input_ids [1, N] with the packed position ids and cu_seqlens; each
+    sequence attends only to itself, so row i equals the padded forward's hidden state at the same token.
+    The model must use `PACKED_ATTENTION`. Useful beyond log-probs (value heads, reward models).
+    Shapes: packed with N tokens -> [N, hidden_size].
+    """
+    _check_model(model)
+    if not isinstance(packed, PackedSequences):
+        raise ValueError(f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}")
+    backbone = model.get_decoder()
+    out = backbone(
+        input_ids=packed.input_ids.unsqueeze(0),
+        attention_mask=None,
+        position_ids=packed.position_ids.unsqueeze(0),
+        use_cache=False,
+        cu_seq_lens_q=packed.cu_seqlens,
+        cu_seq_lens_k=packed.cu_seqlens,
+        max_length_q=packed.max_seqlen,
+        max_length_k=packed.max_seqlen,
+    )
+    return out.last_hidden_state[0]
+
+
+def _lm_head_weight(model: nn.Module) -> Tensor:
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"model.get_output_embeddings() must be a linear LM head with a [V, H] weight, got {head!r}")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(
+            "the LM head has a bias; rlprims.ops.logprobs computes logits = h·Wᵀ without one (fold the bias in "
+            "by appending a constant-1 feature to the hidden states and the bias as a column of W)"
+        )
+    config = model.config
+    for attr, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
+        value = getattr(config, attr, None)
+        if value is not None and value != neutral:
+            raise ValueError(
+                f"model.config.{attr}={value} rescales the logits after the LM head; the packed log-prob "
+                "helpers compute plain h·Wᵀ/temperature and would disagree with the model"
+            )
+    return weight
+
+
+def _response_inputs(model, input_ids, attention_mask, response_mask):
+    _check_model(model)
+    check_tensor("input_ids", input_ids, ndim=2)
+    check_mask("attention_mask", attention_mask, input_ids.shape)
+    check_mask("response_mask", response_mask, input_ids.shape)
+    packed = pack_sequences(input_ids, attention_mask)
+    positions = packed_response_positions(response_mask, packed)  # [M]; predicted by positions − 1
+    weight = _lm_head_weight(model)
+    hidden = packed_hidden_states(model, packed)
+    return packed, positions, hidden.index_select(0, positions - 1), packed.input_ids.index_select(0, positions), weight
+
+
+def _to_padded(values: Tensor, packed: PackedSequences, positions: Tensor) -> Tensor:
+    flat = torch.zeros(packed.batch_size * packed.seq_len, dtype=values.dtype, device=values.device)
+    return flat.index_copy(0, packed.indices.index_select(0, positions), values).view(packed.batch_size, packed.seq_len)
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    *,
+    temperature: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Per-token log-probs of the response tokens from one packed forward of an HF causal LM.
+
+    logprobs[b, t] = log softmax(lm_head(h_{b, t−1}) / τ)[input_ids[b, t]] where response_mask[b, t],
+    0 elsewhere; h from the backbone on the packed batch (no padding computed). Equals the padded forward
+    (position_ids = cumsum(mask) − 1) up to fp summation order. Gradients flow to all model parameters.
+    Requires `model.set_attn_implementation(PACKED_ATTENTION)`; each row's valid tokens contiguous;
+    response tokens inside the valid tokens and never at a row's first valid position.
+    Shapes: input_ids [B, T] int, attention_mask [B, T] bool, response_mask [B, T] bool -> [B, T] fp32.
+    """
+    packed, positions, hidden, targets, weight = _response_inputs(model, input_ids, attention_mask, response_mask)
+    lp = logprobs_from_hidden(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
+    return _to_padded(lp, packed, positions)
+
+
+def response_logprobs_and_entropy(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    *,
+    temperature: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LogprobsEntropy:
+    """`response_logprobs` plus the entropy of each response token's next-token distribution.
+
+    entropy[b, t] = H(softmax(lm_head(h_{b, t−1}) / τ)) where response_mask[b, t], 0 elsewhere — the
+    distribution that sampled input_ids[b, t] (verl's per-token entropy). Both outputs carry gradients.
+    Shapes: as `response_logprobs` -> LogprobsEntropy(logprobs [B, T], entropy [B, T]) fp32.
+    """
+    packed, positions, hidden, targets, weight = _response_inputs(model, input_ids, attention_mask, response_mask)
+    lp, ent = logprobs_and_entropy(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
+    return LogprobsEntropy(logprobs=_to_padded(lp, packed, positions), entropy=_to_padded(ent, packed, positions))

@@ -1,0 +1,184 @@
+"""Sequence packing: padded `[B, T]` batches <-> one flat token stream `[N]` (remove padding).
+
+A padded RL batch mixes 20-token and 1,000-token sequences; packing drops the padding and lays the
+valid tokens of all rows end to end, so the model computes on N = Σ_b L_b tokens instead of B·T.
+Attention must then stay inside each sequence (varlen attention, see `rlprims.models.packed`) and
+position ids restart at 0 for every sequence. This is verl's `use_remove_padding`.
+
+Layout of a packed batch (S sequences, N tokens):
+
+    input_ids     [N]     the valid tokens of row seq_rows[0], then of row seq_rows[1], ...
+    position_ids  [N]     0, 1, ..., L_s - 1 within each sequence
+    cu_seqlens    [S+1]   int32; sequence s occupies [cu_seqlens[s], cu_seqlens[s+1]); cu_seqlens[S] = N
+    indices       [N]     int64; where each packed token sat in the flattened batch (b·T + t)
+
+Rows with no valid token are dropped from the stream (they are not zero-length sequences: varlen
+kernels need not handle those); `unpack_values` fills them. Only this module converts between the two
+layouts: every other function takes `[B, T]` or `[N]` + `cu_seqlens`.
+
+Position ids match the padded model exactly when the padded forward uses
+position_ids = cumsum(attention_mask) − 1 (what verl and HF generation do for left padding), or the
+default arange for right padding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rlprims.ops._validate import check_mask, check_tensor
+
+__all__ = [
+    "PackedSequences",
+    "pack_sequences",
+    "pack_values",
+    "unpack_values",
+    "packed_response_positions",
+]
+
+
+class PackedSequences(NamedTuple):
+    """One packed batch: the token stream plus everything needed to map back to `[B, T]`."""
+
+    input_ids: Tensor  # [N] the valid tokens, sequence after sequence
+    position_ids: Tensor  # [N] int64, restarts at 0 at every sequence start
+    cu_seqlens: Tensor  # [S+1] int32, cumulative sequence lengths, starts at 0, ends at N
+    max_seqlen: int  # max_s L_s (a Python int, as varlen kernels take it)
+    indices: Tensor  # [N] int64, flat position b*T + t of each packed token in the padded batch
+    seq_rows: Tensor  # [S] int64, padded-batch row of each packed sequence
+    batch_size: int  # B of the padded batch
+    seq_len: int  # T of the padded batch
+
+
+def _check_contiguous(attention_mask: Tensor) -> None:
+    """Each row's valid tokens must form one run (left, right, or both-side padding)."""
+    m = attention_mask.to(torch.int8)
+    # A run starts at t where m[t] = 1 and m[t-1] = 0 (or t = 0); more than one start = a hole.
+    runs = m[:, 0].to(torch.int64) + (m[:, 1:] > m[:, :-1]).sum(dim=1)
+    bad = torch.nonzero(runs > 1).flatten()
+    if bad.numel() > 0:
+        row = int(bad[0])
+        raise ValueError(
+            f"attention_mask row {row} has {int(runs[row])} separate runs of valid tokens; packing needs "
+            f"each row's valid tokens to be contiguous (left or right padding), attention_mask shape "
+            f"{tuple(attention_mask.shape)} ({bad.numel()} bad row(s))"
+        )
+
+
+def pack_sequences(input_ids: Tensor, attention_mask: Tensor) -> PackedSequences:
+    """Pack a padded batch into one token stream with per-sequence position ids and cu_seqlens.
+
+    For row b with valid tokens at t ∈ [s_b, s_b + L_b):  packed stream = concat_b input_ids[b, s_b:s_b+L_b],
+    position_ids = concat_b [0, ..., L_b − 1],  cu_seqlens = [0, L_0, L_0 + L_1, ...] (non-empty rows only).
+    Remove-padding as in verl (`use_remove_padding`) / flash-attn's `unpad_input`.
+
+    Requires each row's valid tokens to be contiguous (left, right or both-side padding); a row with holes
+    raises (its position ids would be ambiguous). Rows with no valid token are skipped (S ≤ B).
+    Syncs with the device once (N and max_seqlen become Python ints).
+    Shapes: input_ids [B, T] (any dtype), attention_mask [B, T] bool -> PackedSequences with N = Σ mask.
+    """
+    check_tensor("input_ids", input_ids, ndim=2)
+    check_mask("attention_mask", attention_mask, input_ids.shape)
+    batch, seq_len = input_ids.shape
+    if batch == 0 or seq_len == 0:
+        raise ValueError(f"cannot pack an empty batch: input_ids has shape {tuple(input_ids.shape)}")
+    _check_contiguous(attention_mask)
+    lengths = attention_mask.sum(dim=1)  # [B] int64
+    if int(lengths.sum()) == 0:
+        raise ValueError(
+            f"attention_mask has no valid token (shape {tuple(attention_mask.shape)}); nothing to pack"
+        )
+    indices = torch.nonzero(attention_mask.flatten()).flatten()  # [N], row-major = sequence order
+    nonempty = lengths > 0
+    seq_rows = torch.nonzero(nonempty).flatten()
+    seq_lengths = lengths[nonempty]
+    cu_seqlens = torch.zeros(seq_lengths.numel() + 1, dtype=torch.int32, device=input_ids.device)
+    cu_seqlens[1:] = torch.cumsum(seq_lengths, dim=0).to(torch.int32)
+    # Position within the sequence: global token index minus the start of its sequence.
+    starts = torch.repeat_interleave(cu_seqlens[:-1].to(torch.int64), seq_lengths)
+    position_ids = torch.arange(indices.numel(), device=input_ids.device) - starts
+    return PackedSequences(
+        input_ids=input_ids.flatten()[indices],
+        position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(seq_lengths.max()),
+        indices=indices,
+        seq_rows=seq_rows,
+        batch_size=batch,
+        seq_len=seq_len,
+    )
+
+
+def _check_packed(packed: object) -> PackedSequences:
+    if not isinstance(packed, PackedSequences):
+        raise ValueError(f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}")
+    return packed
+
+
+def pack_values(values: Tensor, packed: PackedSequences) -> Tensor:
+    """Select the packed tokens of any per-token tensor:  out[i] = values.flatten(0, 1)[indices[i]].
+
+    Use it for response masks, old/ref log-probs, advantages, ... laid out like the packed ids.
+    Differentiable. Values under padding are never read.
+    Shapes: values [B, T, ...] -> [N, ...].
+    """
+    _check_packed(packed)
+    check_tensor("values", values)
+    if values.dim() < 2 or tuple(values.shape[:2]) != (packed.batch_size, packed.seq_len):
+        raise ValueError(
+            f"values must have shape ({packed.batch_size}, {packed.seq_len}, ...) like the packed batch, "
+            f"got shape {tuple(values.shape)}"
+        )
+    return values.flatten(0, 1).index_select(0, packed.indices.to(values.device))
+
+
+def unpack_values(values: Tensor, packed: PackedSequences, *, fill: float = 0.0) -> Tensor:
+    """Scatter a per-token packed tensor back to the padded layout (the inverse of `pack_values`).
+
+    out[b, t] = values[i] where indices[i] = b·T + t, and `fill` at padding (and in skipped empty rows).
+    Differentiable with respect to `values` (padding gets no gradient path).
+    Shapes: values [N, ...] -> [B, T, ...].
+    """
+    _check_packed(packed)
+    check_tensor("values", values)
+    n = packed.indices.numel()
+    if values.dim() < 1 or values.shape[0] != n:
+        raise ValueError(f"values must have shape ({n}, ...) like the packed stream, got shape {tuple(values.shape)}")
+    rest = tuple(values.shape[1:])
+    base = torch.full(
+        (packed.batch_size * packed.seq_len, *rest), fill, dtype=values.dtype, device=values.device
+    )
+    out = base.index_copy(0, packed.indices.to(values.device), values)
+    return out.view(packed.batch_size, packed.seq_len, *rest)
+
+
+def packed_response_positions(response_mask: Tensor, packed: PackedSequences) -> Tensor:
+    """Packed positions of the response tokens, each of which is predicted by the position before it.
+
+    Returns p [M] int64, increasing, with input_ids[p] the response tokens; the log-prob of token p comes
+    from the hidden state at p − 1 (same sequence). Rejects a response token under padding and one at a
+    sequence's first position (nothing predicts it).
+    Shapes: response_mask [B, T] bool -> [M], M = Σ response_mask.
+    """
+    _check_packed(packed)
+    check_mask("response_mask", response_mask, (packed.batch_size, packed.seq_len))
+    flat = response_mask.flatten()
+    n_resp = int(flat.sum())
+    packed_resp = flat.index_select(0, packed.indices.to(flat.device))
+    if int(packed_resp.sum()) != n_resp:
+        raise ValueError(
+            f"response_mask has {n_resp - int(packed_resp.sum())} True position(s) where attention_mask is "
+            f"False (shape {tuple(response_mask.shape)}); responses must lie inside the valid tokens"
+        )
+    positions = torch.nonzero(packed_resp).flatten()
+    at_start = torch.zeros_like(packed_resp)
+    at_start[packed.cu_seqlens[:-1].to(torch.int64).to(flat.device)] = True
+    if bool((packed_resp & at_start).any()):
+        s = int(torch.nonzero((packed_resp & at_start)[packed.cu_seqlens[:-1].long().to(flat.device)])[0])
+        raise ValueError(
+            f"response_mask marks the first valid token of row {int(packed.seq_rows[s])} as a response "
+            "token; a sequence's first token has no preceding context to predict it"
+        )
+    return positions

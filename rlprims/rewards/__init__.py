@@ -1,0 +1,1 @@
+"""rlprims.rewards."""

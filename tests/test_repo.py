@@ -1,0 +1,52 @@
+"""The promises README makes about the repository itself."""
+
+import inspect
+from pathlib import Path
+
+import rlprims.ops as ops
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _ci_command() -> str:
+    lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    commands = [ln for ln in lines if ln and not ln.startswith("#") and not ln.startswith(("set ", "cd "))]
+    assert len(commands) == 1, f".ci/run must run exactly one command, found {commands}"
+    return commands[0]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    assert f"\n{_ci_command()}\n" in README, "README must show the exact command .ci/run runs"
+
+
+def _public_functions():
+    for name in ops.__all__:
+        obj = getattr(ops, name)
+        if inspect.isfunction(obj):
+            yield name, obj
+
+
+def test_every_public_op_has_a_full_docstring():
+    missing = []
+    for name, fn in _public_functions():
+        doc = inspect.getdoc(fn) or ""
+        if "Shapes:" not in doc or len(doc.splitlines()) < 3:
+            missing.append(name)
+    assert not missing, f"ops without a docstring giving formula and Shapes: {missing}"
+
+
+def test_every_public_op_has_a_readme_row():
+    missing = [name for name, _ in _public_functions() if f"| `{name}`" not in README]
+    assert not missing, f"ops missing from README's table: {missing}"
+
+
+def test_hyperparameters_are_keyword_only():
+    offenders = []
+    for name, fn in _public_functions():
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                offenders.append(f"{name}(**{p.name})")
+            if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty:
+                offenders.append(f"{name}({p.name}=...) should be keyword-only")
+    assert not offenders, offenders
