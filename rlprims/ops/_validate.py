@@ -84,6 +84,6 @@ def check_scores(name: str, scores: object, *, batch: int | None = None) -> Tens
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if not (value >= 0 if allow_zero else value > 0) or value != value:
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value}")
     return float(value)

@@ -14,7 +14,7 @@ log π − log π_rollout when the old-policy forward is skipped: pass the curre
 
 Follows verl's `rollout_corr_helper.py` (exp(±20) safety clamp, truncation C = 2.0 by default there,
 detach before normalization). References: Yao et al. 2025, "Your efficient RL framework secretly brings
-you off-policy RL training" (https://fengyao.notion.site/off-policy-rl); Liu et al. 2025, "When speed
+you off-policy RL training" (https://fengyao.notion.site/off-policy-rl); "When speed
 kills stability: demystifying RL collapse from the training-inference mismatch"
 (https://richardli.xyz/rl-collapse).
 
@@ -26,7 +26,7 @@ the next would change the sequence statistics of the second.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -114,7 +114,8 @@ def token_is_weights(
 
     Δ_t = log π_old − log π_rollout. Positions under a False mask are 0 (as verl). verl's default
     C (`rollout_is_threshold`) is 2.0. Multiply the per-token policy loss by w.
-    Yao et al. 2025 (truncated IS for the rollout/trainer mismatch), https://fengyao.notion.site/off-policy-rl.
+    Yao et al. 2025 (truncated IS for the rollout/trainer mismatch),
+    https://fengyao.notion.site/off-policy-rl.
     Shapes: old_logprobs [B, T], rollout_logprobs [B, T], response_mask [B, T] bool -> [B, T].
     """
     _check_pair(old_logprobs, rollout_logprobs, response_mask)
@@ -315,7 +316,9 @@ def _row_mean(values: Tensor, rows: Tensor) -> Tensor:
 
 
 def _row_extreme(values: Tensor, rows: Tensor, *, largest: bool) -> Tensor:
-    fill = torch.full((), float("-inf") if largest else float("inf"), dtype=values.dtype, device=values.device)
+    fill = torch.full(
+        (), float("-inf") if largest else float("inf"), dtype=values.dtype, device=values.device
+    )
     picked = torch.where(rows, values, fill)
     out = picked.amax() if largest else picked.amin()
     return torch.where(rows.any(), out, torch.zeros_like(out))

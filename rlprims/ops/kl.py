@@ -146,7 +146,9 @@ class KLRewardResult(NamedTuple):
     metrics: dict[str, Tensor]  # actor/reward_kl_penalty, actor/reward_kl_penalty_coeff
 
 
-def kl_in_reward(token_rewards: Tensor, kl: Tensor, response_mask: Tensor, *, kl_coef: float) -> KLRewardResult:
+def kl_in_reward(
+    token_rewards: Tensor, kl: Tensor, response_mask: Tensor, *, kl_coef: float
+) -> KLRewardResult:
     """Token rewards with the KL penalty folded in:  r'_t = r_t − β · kl_t  on valid tokens.
 
     `kl` is a per-token estimate of KL(π_old ‖ π_ref) (e.g. `kl_k1(old_logprobs, ref_logprobs)`, verl's
@@ -205,7 +207,11 @@ def _check_current_kl(current_kl: float | Tensor) -> float:
         if current_kl.numel() != 1:
             raise ValueError(f"current_kl must be a scalar, got shape {tuple(current_kl.shape)}")
         current_kl = float(current_kl.detach())
-    if isinstance(current_kl, bool) or not isinstance(current_kl, (int, float)) or not math.isfinite(current_kl):
+    if (
+        isinstance(current_kl, bool)
+        or not isinstance(current_kl, (int, float))
+        or not math.isfinite(current_kl)
+    ):
         raise ValueError(f"current_kl must be a finite number, got {current_kl!r}")
     return float(current_kl)
 
@@ -217,7 +223,11 @@ def _check_n_steps(n_steps: int) -> int:
 
 
 def fixed_kl_init(*, kl_coef: float) -> FixedKLState:
-    """State of a constant KL coefficient β (verl's FixedKLController; verl's default β = 0.001)."""
+    """State of a constant KL coefficient β (verl's FixedKLController; verl's default β = 0.001).
+
+    β_k = kl_coef for every step k. Pair with `fixed_kl_update`.
+    Shapes: floats only.
+    """
     beta = check_positive("kl_coef", kl_coef, allow_zero=True)
     if math.isinf(beta):
         raise ValueError(f"kl_coef must be finite, got {kl_coef}")
@@ -225,7 +235,11 @@ def fixed_kl_init(*, kl_coef: float) -> FixedKLState:
 
 
 def fixed_kl_update(state: FixedKLState, *, current_kl: float | Tensor, n_steps: int) -> FixedKLState:
-    """β unchanged (the arguments are checked, then ignored, so the two controllers are interchangeable)."""
+    """β unchanged (the arguments are checked, then ignored, so the two controllers are interchangeable).
+
+    β ← β.
+    Shapes: current_kl a float or 0-dim tensor.
+    """
     if not isinstance(state, FixedKLState):
         raise ValueError(f"state must be a FixedKLState, got {type(state).__name__}")
     _check_current_kl(current_kl)
@@ -247,12 +261,15 @@ def adaptive_kl_init(*, init_kl_coef: float, target_kl: float, horizon: float) -
     return AdaptiveKLState(kl_coef=beta, target_kl=target, horizon=hor)
 
 
-def adaptive_kl_update(state: AdaptiveKLState, *, current_kl: float | Tensor, n_steps: int) -> AdaptiveKLState:
+def adaptive_kl_update(
+    state: AdaptiveKLState, *, current_kl: float | Tensor, n_steps: int
+) -> AdaptiveKLState:
     """Proportional controller on β:  e = clip(KL/target − 1, −0.2, 0.2);  β ← β · (1 + e · n / horizon).
 
     `current_kl` is the measured KL (verl: `actor/reward_kl_penalty` of `kl_in_reward`), `n_steps` the
     number of samples since the last update (verl passes the batch size).
     Ziegler et al. 2019, arXiv:1909.08593, eq. (2).
+    Shapes: current_kl a float or 0-dim tensor.
     """
     if not isinstance(state, AdaptiveKLState):
         raise ValueError(f"state must be an AdaptiveKLState, got {type(state).__name__}")

@@ -210,7 +210,7 @@ def gspo_loss(
     lp, old, adv = _policy_inputs(logprobs, old_logprobs, advantages, m)
 
     delta = lp - old
-    seq_log_ratio = masked_mean(delta.detach(), m)  # [B]; 0 for an empty row
+    seq_log_ratio = masked_mean(delta.detach(), m, dim=-1)  # [B]; 0 for an empty row
     # Order as in verl (volcengine/verl#2775): the constant goes last to keep the value exact.
     log_ratio = (lp - lp.detach() + seq_log_ratio.unsqueeze(-1)).clamp(max=_GSPO_LOG_RATIO_MAX)
     ratio = torch.exp(log_ratio)
@@ -445,8 +445,7 @@ def kl_cov_loss(
 
     Deterministic (torch.topk over the valid tokens in row-major order, as verl). Metric: `ppo_kl` =
     mean |Δ| over the valid tokens: verl logs the *absolute* log-ratio under this name for KL-Cov.
-    verl defaults: kl_cov_ratio = 2e-4, ppo_kl_coef = 1.0 in code (0.1 in the paper's recipe);
-    aggregation by `loss_agg_mode` (default token-mean). The covariance and N_tok are statistics of the
+    verl defaults (actor config): kl_cov_ratio = 2e-4, ppo_kl_coef = 0.1; aggregation by `loss_agg_mode` (default token-mean). The covariance and N_tok are statistics of the
     tokens passed to this call, so the selection depends on how the batch is split.
 
     Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs", arXiv:2505.22617.

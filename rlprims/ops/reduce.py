@@ -112,8 +112,11 @@ def loss_normalizers(mask: Tensor) -> LossNormalizers:
 
 
 def _check_norm(name: str, norm: float | Tensor) -> None:
+    if isinstance(norm, Tensor) and norm.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(norm.shape)}")
     value = float(norm.detach()) if isinstance(norm, Tensor) else norm
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    # inf is refused too: it would silently turn the loss (and the gradient) into 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
         raise ValueError(
             f"{name} must be a positive number (the total over the optimizer step), got {norm!r}"
         )

@@ -66,7 +66,8 @@ def test_mismatch_estimators_literal():
 
 
 def test_token_is_weights_literal():
-    # w = min(e^Δ, 1.5): row 0 [min(1.6487, 1.5) = 1.5, 1, e^−1 = 0.367879]; row 1 [1, e^0.3 = 1.349859, pad 0]
+    # w = min(e^Δ, 1.5): row 0 [min(1.6487, 1.5) = 1.5, 1, e^−1 = 0.367879]
+    #                   row 1 [1, e^0.3 = 1.349859, pad 0]
     w = token_is_weights(OLD, ROLLOUT, MASK, clip_max=1.5)
     assert_close(w, t32([[1.5, 1.0, E(-1.0)], [1.0, E(0.3), 0.0]]), **EXACT)
     assert not w.requires_grad
@@ -90,6 +91,11 @@ def test_normalize_literal():
     ws = sequence_is_weights(OLD, ROLLOUT, MASK, clip_max=2.0)
     mean_s = (E(-0.5) + E(0.3)) / 2
     assert_close(normalize_sequence_is_weights(ws, MASK), ws / mean_s, **EXACT)
+    # Whatever sits under a False mask (here NaN) comes back as 0 and changes nothing else.
+    for fn, x in ((normalize_token_is_weights, w), (normalize_sequence_is_weights, ws)):
+        dirty = torch.where(MASK, x, torch.tensor(NAN))
+        assert torch.equal(fn(dirty, MASK), fn(x, MASK))
+        assert bool((fn(dirty, MASK)[~MASK] == 0).all())
 
 
 def test_rejection_masks_literal():
@@ -101,7 +107,7 @@ def test_rejection_masks_literal():
     #   token, ratio bounds [0.5, 2] -> [log 0.5, log 2] = [−0.693, 0.693]: [[T, T, F], [T, T, F]]
     #   seq sum k1 = [0.5, −0.3], bounds [−0.4, 0.4]:   row 0 out
     #   seq sum k1, bounds [−0.2, 0.6]:                  row 1 out
-    kw = dict(estimator=mismatch_k2)
+    kw = {"estimator": mismatch_k2}
     assert torch.equal(
         token_rejection_mask(OLD, ROLLOUT, MASK, **kw, max_value=0.1), bmask([[F_, T_, F_], [T_, T_, F_]])
     )
@@ -112,7 +118,12 @@ def test_rejection_masks_literal():
         seq_max_rejection_mask(OLD, ROLLOUT, MASK, **kw, max_value=0.3), bmask([[F_, F_, F_], [T_, T_, F_]])
     )
     assert torch.equal(seq_max_rejection_mask(OLD, ROLLOUT, MASK, **kw, max_value=0.6), MASK)
-    k1 = dict(estimator=mismatch_k1)
+    #   seq mean k2 ≤ 0.5 keeps both rows; seq sum k2 = [0.625, 0.045] ≤ 0.5 drops row 0
+    assert torch.equal(seq_mean_rejection_mask(OLD, ROLLOUT, MASK, **kw, max_value=0.5), MASK)
+    assert torch.equal(
+        seq_sum_rejection_mask(OLD, ROLLOUT, MASK, **kw, max_value=0.5), bmask([[F_, F_, F_], [T_, T_, F_]])
+    )
+    k1 = {"estimator": mismatch_k1}
     assert torch.equal(
         token_rejection_mask(OLD, ROLLOUT, MASK, **k1, min_value=math.log(0.5), max_value=math.log(2.0)),
         bmask([[T_, T_, F_], [T_, T_, F_]]),
@@ -144,7 +155,8 @@ def test_metrics_literal():
     #   rollout_log_ppl = (1 + 0.35)/2 = 0.675;            rollout_ppl = (e + e^0.35)/2 = 2.068675
     #   log_ppl_diff per row = ℓ_r − ℓ_o = [0.166667, −0.15]: mean 0.008333, |·| mean 0.158333
     #   ppl_ratio = (e^0.166667 + e^−0.15)/2 = 1.021034
-    #   chi2_token = (e^1 + 1 + e^−2 + 1 + e^0.6)/5 − 1 = 0.335147;  chi2_seq = (e^−1 + e^0.6)/2 − 1 = 0.094999
+    #   chi2_token = (e^1 + 1 + e^−2 + 1 + e^0.6)/5 − 1 = 0.335147
+    #   chi2_seq = (e^−1 + e^0.6)/2 − 1 = 0.094999
     #   token weights C = 1.5: {1.5, 1, e^−1, 1, e^0.3}: mean 1.043548, mean w² = 1.241491,
     #     ESS = 1.043548²/1.241491 = 0.877165, std = sqrt(1.241491 − 1.043548²) = 0.390512
     #   corrected = token k2 ≤ 0.1 = [[F, T, F], [T, T, F]]: 2 of 5 tokens, 1 of 2 rows rejected
@@ -200,7 +212,13 @@ def test_equal_logprobs_give_unit_weights_and_no_mismatch():
     m = rollout_correction_metrics(lp, lp, mask, token_is_weights(lp, lp, mask, clip_max=2.0))
     for k in ("kl", "k3_kl", "chi2_token", "chi2_seq", "log_ppl_diff", "log_ppl_abs_diff", "rollout_is_std"):
         assert float(m[f"rollout_corr/{k}"]) == 0.0, k
-    for k in ("ppl_ratio", "rollout_is_mean", "rollout_is_eff_sample_size", "rollout_is_max", "rollout_is_min"):
+    for k in (
+        "ppl_ratio",
+        "rollout_is_mean",
+        "rollout_is_eff_sample_size",
+        "rollout_is_max",
+        "rollout_is_min",
+    ):
         assert float(m[f"rollout_corr/{k}"]) == 1.0, k
     assert torch.equal(m["rollout_corr/training_ppl"], m["rollout_corr/rollout_ppl"])
     for fn in REJECTIONS:
@@ -225,7 +243,9 @@ def test_seq_sum_k1_equals_sequence_log_ratio_bound():
     old, rollout = -torch.rand(6, 5, generator=g), -torch.rand(6, 5, generator=g)
     mask = torch.ones(6, 5, dtype=torch.bool)
     c = 1.5
-    kept = seq_sum_rejection_mask(old, rollout, mask, estimator=mismatch_k1, min_value=-math.log(c), max_value=math.log(c))
+    kept = seq_sum_rejection_mask(
+        old, rollout, mask, estimator=mismatch_k1, min_value=-math.log(c), max_value=math.log(c)
+    )
     ratio = torch.exp((old - rollout).sum(-1))
     assert torch.equal(kept[:, 0], (ratio >= 1 / c) & (ratio <= c))
 
@@ -267,17 +287,26 @@ def _batch(data, *, low=-10.0, high=0.0):
     vals = st.floats(low, high, allow_nan=False, width=32)
     grid = st.lists(st.lists(vals, min_size=t, max_size=t), min_size=b, max_size=b)
     old, rollout = torch.tensor(data.draw(grid)), torch.tensor(data.draw(grid))
-    mask = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b)))
+    mask = torch.tensor(
+        data.draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b))
+    )
     return old, rollout, mask
 
 
 def _all_outputs(old, rollout, mask):
     wt = token_is_weights(old, rollout, mask, clip_max=2.0)
     ws = sequence_is_weights(old, rollout, mask, clip_max=2.0)
-    out = {"wt": wt, "ws": ws, "nwt": normalize_token_is_weights(wt, mask), "nws": normalize_sequence_is_weights(ws, mask)}
+    out = {
+        "wt": wt,
+        "ws": ws,
+        "nwt": normalize_token_is_weights(wt, mask),
+        "nws": normalize_sequence_is_weights(ws, mask),
+    }
     for fn in REJECTIONS:
         for est in MISMATCH:
-            out[f"{fn.__name__}/{est.__name__}"] = fn(old, rollout, mask, estimator=est, min_value=-0.3, max_value=0.3)
+            out[f"{fn.__name__}/{est.__name__}"] = fn(
+                old, rollout, mask, estimator=est, min_value=-0.3, max_value=0.3
+            )
     kept = token_rejection_mask(old, rollout, mask, estimator=mismatch_k3, max_value=0.5)
     out.update(rollout_correction_metrics(old, rollout, mask, wt, kept))
     return out
@@ -297,7 +326,9 @@ def test_masked_values_never_change_outputs(data):
 def test_extreme_mismatch_is_finite(data):
     # Δ = ±1e4 (one side of the pair at −1e4); every output finite, weights within [0, C].
     old, rollout, mask = _batch(data)
-    signs = torch.tensor(data.draw(st.lists(st.booleans(), min_size=old.numel(), max_size=old.numel()))).view(old.shape)
+    signs = torch.tensor(data.draw(st.lists(st.booleans(), min_size=old.numel(), max_size=old.numel()))).view(
+        old.shape
+    )
     old = torch.where(signs, torch.zeros(()), torch.full((), -1e4))
     rollout = torch.where(signs, torch.full((), -1e4), torch.zeros(()))
     out = _all_outputs(old, rollout, mask)

@@ -211,7 +211,9 @@ def _pair_and_mask(data, *, low=-30.0, high=5.0):
     vals = st.floats(low, high, allow_nan=False, width=32)
     lp = torch.tensor(data.draw(st.lists(st.lists(vals, min_size=t, max_size=t), min_size=b, max_size=b)))
     ref = torch.tensor(data.draw(st.lists(st.lists(vals, min_size=t, max_size=t), min_size=b, max_size=b)))
-    mask = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b)))
+    mask = torch.tensor(
+        data.draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b))
+    )
     return lp, ref, mask
 
 

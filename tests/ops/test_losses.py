@@ -27,6 +27,7 @@ from tests.tolerances import EXACT
 
 T = torch.tensor
 LN = math.log
+NAN, INF = float("nan"), float("inf")
 
 
 def f32(x):
@@ -369,6 +370,23 @@ def test_reinforce_unit_weights():
           reinforce_loss(lp, adv, mask).loss)
 
 
+def test_old_logprobs_and_advantages_are_constants():
+    lp, old, adv, mask = _random_batch(8)
+    old = old.clone().requires_grad_(True)
+    adv = adv.clone().requires_grad_(True)
+    out = ppo_clip_loss(lp.requires_grad_(True), old, adv, mask, clip_low=0.2, clip_high=0.2)
+    g_old, g_adv = torch.autograd.grad(out.loss.sum(), (old, adv), allow_unused=True)
+    assert g_old is None and g_adv is None
+
+
+def test_low_precision_inputs():
+    lp, old, adv, mask = (x if x.dtype == torch.bool else x.bfloat16() for x in _random_batch(9))
+    out = ppo_clip_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2, clip_dual=3.0)
+    assert out.loss.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in out.metrics.values())
+    assert entropy_from_logits(torch.randn(3, 5).bfloat16()).dtype == torch.bfloat16
+
+
 # ---------------------------------------------------- verl's numbers (its formulas restated, float64)
 # Written as verl writes them (products with the mask, its aggregation), for inputs without NaN padding.
 
@@ -384,7 +402,8 @@ def _verl_ppo(old, lp, adv, m, el, eh, c):
     c1 = torch.maximum(l1, l2)
     l3 = -adv * c
     pg = torch.where(adv < 0, torch.min(l3, c1), c1)
-    return _mmean(pg, m), _mmean((l2 > l1).double(), m), _mmean(-d, m), _mmean((c1 > l3) * (adv < 0).double(), m)
+    lower = (c1 > l3) * (adv < 0).double()
+    return _mmean(pg, m), _mmean((l2 > l1).double(), m), _mmean(-d, m), _mmean(lower, m)
 
 
 def _verl_seq_mean_token_mean(x, m):
@@ -525,7 +544,8 @@ def _masked_batch(draw):
     Tn = draw(st.integers(1, 6))
 
     def tensor():
-        return torch.tensor(draw(st.lists(_floats, min_size=B * Tn, max_size=B * Tn)), dtype=torch.float32).view(B, Tn)
+        values = draw(st.lists(_floats, min_size=B * Tn, max_size=B * Tn))
+        return torch.tensor(values, dtype=torch.float32).view(B, Tn)
 
     old = -tensor().abs()
     lp = old + 0.5 * tensor() / 3
@@ -559,6 +579,15 @@ def test_masked_values_never_matter(name, batch):
             assert v == 0
 
 
+@pytest.mark.parametrize("name", list(POLICY_LOSSES))
+def test_all_masked_batch_is_zero(name):
+    nan = torch.full((3, 4), NAN)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    out, g = grad_of(POLICY_LOSSES[name], nan, nan, nan, mask)
+    assert torch.equal(out.loss, torch.zeros(3, 4)) and torch.equal(g, torch.zeros(3, 4))
+    assert all(v == 0 for v in out.metrics.values())
+
+
 @given(
     v=st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=12),
     dtype=st.sampled_from([torch.float32, torch.float64]),
@@ -578,6 +607,14 @@ def test_entropy_large_logits_no_cancellation():
     h = entropy_from_logits(z)
     expected = entropy_from_logits(z.double())
     close(h, expected.float())
+    # Two top logits ~1e4 that are 5..15 apart (H ~ 1e-6..1e-2): the direct form goes negative here.
+    d = 5 + 10 * torch.rand(1000, 1, generator=torch.Generator().manual_seed(0))
+    z = torch.cat([torch.full((1000, 1), 1e4), 1e4 - d, torch.full((1000, 3), -1e4)], dim=-1)
+    direct = torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
+    assert (direct < 0).any()  # what this test guards against
+    h = entropy_from_logits(z)
+    assert (h >= 0).all()
+    close(h, entropy_from_logits(z.double()).float())
 
 
 # ------------------------------------------------------------------------------------- bad inputs
@@ -614,9 +651,6 @@ def test_bad_shape_message_names_argument():
         reinforce_loss(lp, adv, mask, importance_weights=torch.ones(3, 3))
     with pytest.raises(ValueError, match="returns"):
         value_loss(lp, old, torch.zeros(2, 2), mask, clip_range=0.2)
-
-
-NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize(

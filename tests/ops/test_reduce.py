@@ -58,7 +58,7 @@ def test_masked_var_literal():
 
 def test_masked_whiten_literal():
     std = math.sqrt(14.75 / 3 + 1e-8)
-    expected = torch.tensor([[(1 - 3.25) / std, (2 - 3.25) / std, 0.0], [(4 - 3.25) / std, 0.0, (6 - 3.25) / std]])
+    expected = torch.tensor([[1 - 3.25, 2 - 3.25, 0.0], [4 - 3.25, 0.0, 6 - 3.25]]) / std
     close(masked_whiten(VALUES, MASK), expected)
     shifted = torch.where(MASK, expected + 3.25, torch.zeros(()))
     close(masked_whiten(VALUES, MASK, shift_mean=False), shifted)
@@ -100,7 +100,7 @@ def test_reduce_bad_inputs():
         masked_mean(VALUES.long(), MASK)
     with pytest.raises(ValueError, match="2 dims"):
         loss_normalizers(MASK[0])
-    for bad in (0, -1.0, NAN, torch.tensor(0)):
+    for bad in (0, -1.0, NAN, INF, True, torch.tensor(0), torch.tensor([3, 4])):
         with pytest.raises(ValueError, match="num_tokens"):
             aggregate_token_mean(VALUES, MASK, num_tokens=bad)
     with pytest.raises(ValueError, match="num_seqs"):
@@ -147,7 +147,9 @@ MODES = {
 }
 
 LOSSES = {
-    "ppo_clip": lambda lp, old, adv, m: ppo_clip_loss(lp, old, adv, m, clip_low=0.2, clip_high=0.28, clip_dual=3.0),
+    "ppo_clip": lambda lp, old, adv, m: ppo_clip_loss(
+        lp, old, adv, m, clip_low=0.2, clip_high=0.28, clip_dual=3.0
+    ),
     # sequence-level loss (every token depends on its whole row)
     "gmpo": lambda lp, old, adv, m: gmpo_loss(lp, old, adv, m, clip_low=0.4, clip_high=0.4),
 }
