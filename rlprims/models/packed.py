@@ -34,26 +34,41 @@ parallel layer's job).
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlprims.ops._validate import check_mask, check_tensor
-from rlprims.ops.logprobs import DEFAULT_CHUNK_SIZE, LogprobsEntropy, logprobs_and_entropy, logprobs_from_hidden
+from rlprims.ops.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    LogprobsEntropy,
+    logprobs_and_entropy,
+    logprobs_from_hidden,
+)
 from rlprims.ops.packing import PackedSequences, pack_sequences, packed_response_positions
 
 __all__ = [
     "PACKED_ATTENTION",
-    "varlen_attention",
     "packed_attention_forward",
-    "register_packed_attention",
     "packed_hidden_states",
+    "register_packed_attention",
     "response_logprobs",
     "response_logprobs_and_entropy",
+    "varlen_attention",
 ]
 
 PACKED_ATTENTION = "rlprims_packed"
+
+
+@functools.cache
+def _varlen_attn_has_gqa() -> bool:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 @functools.cache
@@ -65,20 +80,32 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
-def _sdpa_varlen(query: Tensor, key: Tensor, value: Tensor, bounds: list[int], scale: float | None, causal: bool):
+def _sdpa_varlen(
+    query: Tensor, key: Tensor, value: Tensor, bounds: list[int], scale: float | None, causal: bool
+):
     gqa = query.shape[1] != key.shape[1]
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        q = query[a:b].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
-        k = key[a:b].transpose(0, 1).unsqueeze(0)
-        v = value[a:b].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs, dim=0)
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    # split (not per-sequence slicing): its backward is one cat, where each slice's backward would
+    # allocate and add a full-size zero gradient, O(S·N) per layer.
+    qs, ks, vs = (t.transpose(0, 1).split(lengths, dim=1) for t in (query, key, value))  # [H, L, D] each
+    outs = [
+        F.scaled_dot_product_attention(
+            q[None], k[None], v[None], is_causal=causal, scale=scale, enable_gqa=gqa
+        )[0]
+        for q, k, v in zip(qs, ks, vs)
+    ]
+    return torch.cat(outs, dim=1).transpose(0, 1)
 
 
 def varlen_attention(
-    query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, *, max_seqlen: int, scale: float | None, causal: bool
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    max_seqlen: int,
+    scale: float | None,
+    causal: bool,
 ) -> Tensor:
     """Attention within each packed sequence:  o_i = Σ_{j ∈ seq(i), j ≤ i} softmax_j(s·q_i·k_j) v_j.
 
@@ -95,19 +122,39 @@ def varlen_attention(
     n, hq, d = query.shape
     if key.shape != value.shape or key.shape[0] != n or key.shape[2] != d or hq % key.shape[1] != 0:
         raise ValueError(
-            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}: need [N, Hq, D], "
-            "[N, Hkv, D], [N, Hkv, D] with Hq divisible by Hkv"
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}: "
+            "need [N, Hq, D], [N, Hkv, D], [N, Hkv, D] with Hq divisible by Hkv"
         )
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
     half = query.dtype in (torch.float16, torch.bfloat16)
     if query.is_cuda and half:
         cu = cu_seqlens.to(query.device)
         flash = _flash_attn_varlen()
         if flash is not None:
-            return flash(query, key, value, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal)
+            return flash(
+                query,
+                key,
+                value,
+                cu,
+                cu,
+                max_seqlen,
+                max_seqlen,
+                dropout_p=0.0,
+                softmax_scale=scale,
+                causal=causal,
+            )
         from torch.nn.attention.varlen import varlen_attn
 
+        gqa = {}
+        if hq != key.shape[1]:
+            if _varlen_attn_has_gqa():
+                gqa = {"enable_gqa": True}
+            else:  # older torch (2.11 has no enable_gqa): repeat each key/value head Hq/Hkv times
+                key = key.repeat_interleave(hq // key.shape[1], dim=1)
+                value = value.repeat_interleave(hq // value.shape[1], dim=1)
         return varlen_attn(
             query.contiguous(),
             key.contiguous(),
@@ -118,10 +165,10 @@ def varlen_attention(
             max_seqlen,
             scale=scale,
             window_size=(-1, 0) if causal else (-1, -1),
-            enable_gqa=hq != key.shape[1],
+            **gqa,
         )
     bounds = [int(x) for x in cu_seqlens.tolist()]
-    if bounds[0] != 0 or bounds[-1] != n or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+    if bounds[0] != 0 or bounds[-1] != n or any(b <= a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"cu_seqlens must increase strictly from 0 to N={n}, got {bounds[:8]}...")
     return _sdpa_varlen(query, key, value, bounds, scale, causal)
 
@@ -166,8 +213,17 @@ def packed_attention_forward(
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-            sliding_window=sliding_window, softcap=softcap, **kwargs,
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            **kwargs,
         )
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError(
@@ -175,17 +231,27 @@ def packed_attention_forward(
             f"and attention_mask {None if attention_mask is None else tuple(attention_mask.shape)}"
         )
     if dropout > 0.0:
-        raise ValueError(f"packed attention does not implement attention dropout (got {dropout}); set it to 0")
+        raise ValueError(
+            f"packed attention does not implement attention dropout (got {dropout}); set it to 0"
+        )
     if softcap is not None:
-        raise ValueError(f"packed attention does not implement attention logit soft-capping (softcap={softcap})")
+        raise ValueError(
+            f"packed attention does not implement attention logit soft-capping (softcap={softcap})"
+        )
     max_q = int(max_length_q) if max_length_q is not None else query.shape[2]
     if sliding_window is not None and max_q > sliding_window:
         raise ValueError(
             f"packed attention does not implement sliding windows: sliding_window={sliding_window} < "
             f"max sequence length {max_q}"
         )
-    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and cu_seq_lens_k.shape != cu_seq_lens_q.shape:
-        raise ValueError("packed attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention over one stream)")
+    if (
+        cu_seq_lens_k is not None
+        and cu_seq_lens_k is not cu_seq_lens_q
+        and cu_seq_lens_k.shape != cu_seq_lens_q.shape
+    ):
+        raise ValueError(
+            "packed attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention over one stream)"
+        )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = varlen_attention(
         query[0].transpose(0, 1),
@@ -243,7 +309,9 @@ def packed_hidden_states(model: nn.Module, packed: PackedSequences) -> Tensor:
     """
     _check_model(model)
     if not isinstance(packed, PackedSequences):
-        raise ValueError(f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}")
+        raise ValueError(
+            f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}"
+        )
     backbone = model.get_decoder()
     out = backbone(
         input_ids=packed.input_ids.unsqueeze(0),
@@ -262,11 +330,13 @@ def _lm_head_weight(model: nn.Module) -> Tensor:
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"model.get_output_embeddings() must be a linear LM head with a [V, H] weight, got {head!r}")
+        raise ValueError(
+            f"model.get_output_embeddings() must be a linear LM head with a [V, H] weight, got {head!r}"
+        )
     if getattr(head, "bias", None) is not None:
         raise ValueError(
-            "the LM head has a bias; rlprims.ops.logprobs computes logits = h·Wᵀ without one (fold the bias in "
-            "by appending a constant-1 feature to the hidden states and the bias as a column of W)"
+            "the LM head has a bias; rlprims.ops.logprobs computes logits = h·Wᵀ without one (fold the "
+            "bias in by appending a constant-1 feature to the hidden states and the bias as a column of W)"
         )
     config = model.config
     for attr, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
@@ -288,12 +358,20 @@ def _response_inputs(model, input_ids, attention_mask, response_mask):
     positions = packed_response_positions(response_mask, packed)  # [M]; predicted by positions − 1
     weight = _lm_head_weight(model)
     hidden = packed_hidden_states(model, packed)
-    return packed, positions, hidden.index_select(0, positions - 1), packed.input_ids.index_select(0, positions), weight
+    return (
+        packed,
+        positions,
+        hidden.index_select(0, positions - 1),
+        packed.input_ids.index_select(0, positions),
+        weight,
+    )
 
 
 def _to_padded(values: Tensor, packed: PackedSequences, positions: Tensor) -> Tensor:
     flat = torch.zeros(packed.batch_size * packed.seq_len, dtype=values.dtype, device=values.device)
-    return flat.index_copy(0, packed.indices.index_select(0, positions), values).view(packed.batch_size, packed.seq_len)
+    return flat.index_copy(0, packed.indices.index_select(0, positions), values).view(
+        packed.batch_size, packed.seq_len
+    )
 
 
 def response_logprobs(
@@ -314,7 +392,9 @@ def response_logprobs(
     response tokens inside the valid tokens and never at a row's first valid position.
     Shapes: input_ids [B, T] int, attention_mask [B, T] bool, response_mask [B, T] bool -> [B, T] fp32.
     """
-    packed, positions, hidden, targets, weight = _response_inputs(model, input_ids, attention_mask, response_mask)
+    packed, positions, hidden, targets, weight = _response_inputs(
+        model, input_ids, attention_mask, response_mask
+    )
     lp = logprobs_from_hidden(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
     return _to_padded(lp, packed, positions)
 
@@ -334,6 +414,10 @@ def response_logprobs_and_entropy(
     distribution that sampled input_ids[b, t] (verl's per-token entropy). Both outputs carry gradients.
     Shapes: as `response_logprobs` -> LogprobsEntropy(logprobs [B, T], entropy [B, T]) fp32.
     """
-    packed, positions, hidden, targets, weight = _response_inputs(model, input_ids, attention_mask, response_mask)
+    packed, positions, hidden, targets, weight = _response_inputs(
+        model, input_ids, attention_mask, response_mask
+    )
     lp, ent = logprobs_and_entropy(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
-    return LogprobsEntropy(logprobs=_to_padded(lp, packed, positions), entropy=_to_padded(ent, packed, positions))
+    return LogprobsEntropy(
+        logprobs=_to_padded(lp, packed, positions), entropy=_to_padded(ent, packed, positions)
+    )

@@ -89,6 +89,28 @@ from rlprims.ops.preference import (
     sppo_loss,
     sppo_rewards,
 )
+from rlprims.ops.packing import (
+    PackedSequences,
+    pack_sequences,
+    pack_values,
+    packed_response_positions,
+    unpack_values,
+)
+from rlprims.ops.balance import (
+    VERL_LINEAR_COEFF,
+    karmarkar_karp_partition,
+    micro_batch_partition,
+    num_micro_batches,
+    partition_sums,
+    rank_partition,
+    sequence_workloads,
+)
+from rlprims.ops.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    LogprobsEntropy,
+    logprobs_and_entropy,
+    logprobs_from_hidden,
+)
 
 __all__ = [
     "masked_sum",
@@ -160,4 +182,20 @@ __all__ = [
     "ipo_loss",
     "sppo_loss",
     "sppo_rewards",
+    "PackedSequences",
+    "pack_sequences",
+    "pack_values",
+    "packed_response_positions",
+    "unpack_values",
+    "VERL_LINEAR_COEFF",
+    "karmarkar_karp_partition",
+    "micro_batch_partition",
+    "num_micro_batches",
+    "partition_sums",
+    "rank_partition",
+    "sequence_workloads",
+    "DEFAULT_CHUNK_SIZE",
+    "LogprobsEntropy",
+    "logprobs_and_entropy",
+    "logprobs_from_hidden",
 ]

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from rlprims.ops._validate import check_positive, check_tensor
 
-__all__ = ["LogprobsEntropy", "logprobs_and_entropy", "logprobs_from_hidden", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "LogprobsEntropy", "logprobs_and_entropy", "logprobs_from_hidden"]
 
 # Tokens per chunk. Memory of one chunk ≈ 4 · chunk_size · V · 4 bytes (logits, probabilities, two
-# temporaries); 1024 tokens × 152k vocab ≈ 2.5 GB. Throughput is flat above a few hundred tokens.
+# temporaries); 1024 tokens × 152k vocab ≈ 2.5 GB.
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -35,38 +35,41 @@ class LogprobsEntropy(NamedTuple):
     entropy: Tensor  # [N] fp32 (fp64 for fp64 inputs), H(π(· | context)), ≥ 0
 
 
-def _tempered_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
-    # The matmul runs in the input dtype (as the model's LM head does), the rest in fp32 (fp64 for fp64).
-    return (hidden @ weight.t()).to(_acc_dtype(hidden.dtype)) / temperature
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """h Wᵀ in the input dtype (as the model's LM head computes it); /τ in fp32 (skipped for τ = 1).
+
+    The fp32 upcast otherwise happens inside (log_)softmax(dtype=fp32), which casts first: the same
+    values as `.float()` followed by the op, one pass over [chunk, V] fewer.
+    """
+    logits = hidden @ weight.t()
+    if temperature != 1.0:
+        logits = logits.to(_acc_dtype(hidden.dtype)).div_(temperature)
+    return logits
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
-    """z = (h Wᵀ)/τ per chunk; outputs log p_y = z_y − lse(z) and optionally H = Σ_j p_j (lse − z_j)."""
+    """z = (h Wᵀ)/τ per chunk; outputs log p_y = z_y − lse(z) and optionally H = −Σ_j p_j log p_j."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):  # type: ignore[override]
         n = hidden.shape[0]
         acc = _acc_dtype(hidden.dtype)
         logprobs = torch.empty(n, dtype=acc, device=hidden.device)
-        lse_all = torch.empty(n, dtype=acc, device=hidden.device)
         entropy = torch.empty(n, dtype=acc, device=hidden.device) if with_entropy else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = _tempered_logits(hidden[s:e], weight, temperature)
-            lse = torch.logsumexp(z, dim=-1)
-            lse_all[s:e] = lse
-            # lse ≥ max z ≥ z_y exactly in floating point (logsumexp = max + log(1 + ...)), so log p ≤ 0.
-            logprobs[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse
+            # log_softmax = z − max − log Σ exp(z − max) ≤ 0 exactly in floating point
+            logp = torch.log_softmax(_logits(hidden[s:e], weight, temperature), dim=-1, dtype=acc)
+            logprobs[s:e] = logp.gather(1, targets[s:e, None]).squeeze(1)
             if with_entropy:
-                # Σ_j p_j (lse − z_j): every term is ≥ 0, so the entropy is ≥ 0 even after rounding
+                # Σ_j p_j · (−log p_j): every term is ≥ 0, so the entropy is ≥ 0 even after rounding
                 # (lse − Σ p z can come out at −1e-7 for a near one-hot distribution).
-                gap = lse[:, None] - z
-                entropy[s:e] = (torch.exp(-gap) * gap).sum(dim=-1)
-        ctx.save_for_backward(hidden, weight, targets, lse_all, entropy if with_entropy else lse_all)
+                entropy[s:e] = (logp.exp() * logp.neg()).sum(dim=-1)
+        ctx.save_for_backward(hidden, weight, targets, entropy if with_entropy else logprobs)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.with_entropy = with_entropy
@@ -77,7 +80,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        hidden, weight, targets, lse_all, entropy = ctx.saved_tensors
+        hidden, weight, targets, entropy = ctx.saved_tensors
         grad_lp = grads[0]
         grad_ent = grads[1] if ctx.with_entropy else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -85,27 +88,30 @@ class _ChunkedLogprobs(torch.autograd.Function):
             return None, None, None, None, None, None
         n = hidden.shape[0]
         tau = ctx.temperature
+        acc = _acc_dtype(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        acc = _acc_dtype(weight.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        # ∂ log p_y / ∂z_j = 1[j = y] − p_j;   ∂H/∂z_j = −p_j (log p_j + H);   ∂z/∂(h Wᵀ) = 1/τ.
+        g_lp = None if grad_lp is None else grad_lp.to(acc) / tau
+        g_ent = None if grad_ent is None else grad_ent.to(acc) / tau
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h = hidden[s:e]
-            z = _tempered_logits(h, weight, tau)
-            lse = lse_all[s:e, None]
-            p = torch.exp(z - lse)
-            # ∂ log p_y / ∂z_j = 1[j = y] − p_j;   ∂H/∂z_j = −p_j (z_j − lse + H).
-            coef = torch.zeros_like(lse)
-            if grad_lp is not None:
-                coef = coef + grad_lp[s:e, None]
-            if grad_ent is not None:
-                g_ent = grad_ent[s:e, None]
-                dz = -p * (coef + g_ent * (z - lse + entropy[s:e, None]))
+            logits = _logits(h, weight, tau)
+            if g_ent is None:
+                # dz = −p · g_lp (+ g_lp at the target)
+                dz = torch.softmax(logits, dim=-1, dtype=acc).mul_(g_lp[s:e, None].neg())
             else:
-                dz = -p * coef
-            if grad_lp is not None:
-                dz.scatter_add_(1, targets[s:e, None], grad_lp[s:e, None])
-            dz = (dz / tau).to(hidden.dtype)  # z = (h Wᵀ)/τ; cast like autograd through `.float()` would
+                logp = torch.log_softmax(logits, dim=-1, dtype=acc)
+                p = logp.exp()
+                # dz = −p · (g_lp + g_ent (log p + H))   (+ g_lp at the target)
+                inner = logp.add_(entropy[s:e, None]).mul_(g_ent[s:e, None])
+                if g_lp is not None:
+                    inner.add_(g_lp[s:e, None])
+                dz = inner.mul_(p).neg_()
+            if g_lp is not None:
+                dz.scatter_add_(1, targets[s:e, None], g_lp[s:e, None])
+            dz = dz.to(hidden.dtype)  # the cast autograd would apply at the `.float()` boundary
             if need_h:
                 grad_hidden[s:e] = dz @ weight
             if need_w:
@@ -115,7 +121,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk_size: int) -> None:
+def _check_inputs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk_size: int
+) -> None:
     check_tensor("hidden", hidden, ndim=2, floating=True)
     check_tensor("lm_head_weight", weight, ndim=2, floating=True)
     check_tensor("targets", targets, ndim=1)
@@ -130,10 +138,13 @@ def _check_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: 
             "must share dtype and device"
         )
     if targets.shape[0] != hidden.shape[0]:
-        raise ValueError(f"targets has shape {tuple(targets.shape)} but hidden has N = {hidden.shape[0]} rows")
+        raise ValueError(
+            f"targets has shape {tuple(targets.shape)} but hidden has N = {hidden.shape[0]} rows"
+        )
     if targets.dtype not in (torch.int64, torch.int32) or targets.device != hidden.device:
         raise ValueError(
-            f"targets must be an int64/int32 tensor on {hidden.device}, got {targets.dtype} on {targets.device}"
+            f"targets must be an int64/int32 tensor on {hidden.device}, "
+            f"got {targets.dtype} on {targets.device}"
         )
     if targets.numel() > 0:
         lo, hi = int(targets.min()), int(targets.max())
@@ -154,13 +165,16 @@ def logprobs_and_entropy(
 ) -> LogprobsEntropy:
     """Log-prob of each target token and the entropy of each next-token distribution, chunked.
 
-    z_n = (h_n Wᵀ) / τ  (matmul in the input dtype, then fp32, or fp64 for fp64 inputs);  log π(y_n) = z_{n,y_n} − logsumexp(z_n);
+    z_n = (h_n Wᵀ) / τ  (matmul in the input dtype, then fp32, or fp64 for fp64 inputs);
+    log π(y_n) = z_{n,y_n} − logsumexp(z_n);
     H_n = −Σ_v π_v log π_v = Σ_v π_v (logsumexp(z_n) − z_{n,v}).
     Both come from the tempered distribution, as in verl (logits divided by the rollout temperature before
     log_softmax and entropy). Gradients (exact, recomputed per chunk) flow to `hidden` and
     `lm_head_weight`, from both outputs: ∂log π_y/∂z = onehot(y) − π, ∂H/∂z = −π ⊙ (log π + H).
-    Never holds more than `chunk_size` rows of logits (see module docstring for memory). Results do not
-    depend on chunk_size beyond fp32 summation order in the weight gradient.
+    Never holds more than `chunk_size` rows of logits (see module docstring for memory). The weight
+    gradient is summed over chunks in fp32 and cast to the weight's dtype once; otherwise the results do
+    not depend on chunk_size. The backward casts ∂L/∂(h Wᵀ) to the input dtype before its two matmuls,
+    as autograd through `(h @ W.T).float()` would.
     The LM head must have no bias and no logit scaling/soft-capping (fold those in before calling).
     Shapes: hidden [N, H], lm_head_weight [V, H] (same dtype), targets [N] int64 in [0, V)
             -> LogprobsEntropy(logprobs [N] fp32, entropy [N] fp32). N = 0 is allowed.
@@ -188,4 +202,6 @@ def logprobs_from_hidden(
     Shapes: hidden [N, H], lm_head_weight [V, H], targets [N] int64 -> logprobs [N] fp32.
     """
     _check_inputs(hidden, lm_head_weight, targets, temperature, chunk_size)
-    return _ChunkedLogprobs.apply(hidden, lm_head_weight, targets.long(), float(temperature), chunk_size, False)
+    return _ChunkedLogprobs.apply(
+        hidden, lm_head_weight, targets.long(), float(temperature), chunk_size, False
+    )

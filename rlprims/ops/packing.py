@@ -34,8 +34,8 @@ __all__ = [
     "PackedSequences",
     "pack_sequences",
     "pack_values",
-    "unpack_values",
     "packed_response_positions",
+    "unpack_values",
 ]
 
 
@@ -113,7 +113,9 @@ def pack_sequences(input_ids: Tensor, attention_mask: Tensor) -> PackedSequences
 
 def _check_packed(packed: object) -> PackedSequences:
     if not isinstance(packed, PackedSequences):
-        raise ValueError(f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}")
+        raise ValueError(
+            f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}"
+        )
     return packed
 
 
@@ -145,7 +147,9 @@ def unpack_values(values: Tensor, packed: PackedSequences, *, fill: float = 0.0)
     check_tensor("values", values)
     n = packed.indices.numel()
     if values.dim() < 1 or values.shape[0] != n:
-        raise ValueError(f"values must have shape ({n}, ...) like the packed stream, got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"values must have shape ({n}, ...) like the packed stream, got shape {tuple(values.shape)}"
+        )
     rest = tuple(values.shape[1:])
     base = torch.full(
         (packed.batch_size * packed.seq_len, *rest), fill, dtype=values.dtype, device=values.device
@@ -172,13 +176,13 @@ def packed_response_positions(response_mask: Tensor, packed: PackedSequences) ->
             f"response_mask has {n_resp - int(packed_resp.sum())} True position(s) where attention_mask is "
             f"False (shape {tuple(response_mask.shape)}); responses must lie inside the valid tokens"
         )
-    positions = torch.nonzero(packed_resp).flatten()
-    at_start = torch.zeros_like(packed_resp)
-    at_start[packed.cu_seqlens[:-1].to(torch.int64).to(flat.device)] = True
-    if bool((packed_resp & at_start).any()):
-        s = int(torch.nonzero((packed_resp & at_start)[packed.cu_seqlens[:-1].long().to(flat.device)])[0])
+    starts = packed.cu_seqlens[:-1].to(device=flat.device, dtype=torch.int64)
+    first_is_response = packed_resp.index_select(0, starts)  # [S]
+    if bool(first_is_response.any()):
+        s = int(torch.nonzero(first_is_response)[0])
         raise ValueError(
             f"response_mask marks the first valid token of row {int(packed.seq_rows[s])} as a response "
             "token; a sequence's first token has no preceding context to predict it"
         )
+    positions = torch.nonzero(packed_resp).flatten()
     return positions
