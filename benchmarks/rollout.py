@@ -152,24 +152,35 @@ def main() -> None:
             if args.device == "cuda"
             else f"{cpu_name()}, {os.cpu_count()} cores"
         )
-        print(
-            f"\n{time.strftime('%Y-%m-%d')} | {device} | torch {torch.__version__} | vllm {vllm.__version__} | "
-            f"{args.dtype} | {'compiled' if args.compile else 'eager'}"
-        )
+        head = f"{time.strftime('%Y-%m-%d')} | {device} | torch {torch.__version__} | vllm {vllm.__version__}"
+        print(f"\n{head} | {args.dtype} | {'compiled' if args.compile else 'eager'}")
         print(f"command: python {' '.join(sys.argv)}")
         print(
             f"workload: {args.prompts} prompts x n={args.n} x {args.max_tokens} tokens (fallback "
             f"{args.fallback_max_tokens}), prompt {args.prompt_len} tokens, temperature 1, ignore_eos\n"
         )
-        print(
-            "| model | params | engine start s | vLLM tok/s | fallback tok/s | vLLM / fallback | update_weights s |"
-        )
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        cols = [
+            "model",
+            "params",
+            "engine start s",
+            "vLLM tok/s",
+            "fallback tok/s",
+            "vLLM / fallback",
+            "update s",
+        ]
+        print("| " + " | ".join(cols) + " |")
+        print("|" + " --- |" * len(cols))
         for r in rows:
-            print(
-                f"| {r['model']} | {r['params_M']:.0f}M | {r['engine_start_s']:.1f} | {r['vllm_tok_s']:.0f} | "
-                f"{r['fallback_tok_s']:.0f} | {r['vllm_tok_s'] / r['fallback_tok_s']:.1f}x | {r['update_s']:.3f} |"
-            )
+            cells = [
+                r["model"],
+                f"{r['params_M']:.0f}M",
+                f"{r['engine_start_s']:.1f}",
+                f"{r['vllm_tok_s']:.0f}",
+                f"{r['fallback_tok_s']:.0f}",
+                f"{r['vllm_tok_s'] / r['fallback_tok_s']:.1f}x",
+                f"{r['update_s']:.3f}",
+            ]
+            print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
     os._exit(0)  # skip the engines' slow teardown
 

@@ -55,9 +55,9 @@ class RolloutBatch(NamedTuple):
 def check_prompts(prompt_ids: object, *, vocab_size: int, max_model_len: int) -> list[list[int]]:
     """Validates prompt token ids and returns them as lists of Python ints.
 
-    Accepts a sequence of token-id sequences (lists of ints, 1-D integer tensors or numpy arrays). Every prompt must be
-    non-empty, hold ids in [0, vocab_size), and be shorter than max_model_len (at least one response token
-    must fit). Errors name the offending prompt indices; there is no silent truncation.
+    Accepts a sequence of token-id sequences (lists of ints, 1-D integer tensors or numpy arrays).
+    Every prompt must be non-empty, hold ids in [0, vocab_size), and be shorter than max_model_len (at
+    least one response token must fit). Errors name the offending prompt indices; nothing is truncated.
     """
     if isinstance(prompt_ids, (Tensor, str, bytes)) or not isinstance(prompt_ids, Sequence):
         raise ValueError(
@@ -72,7 +72,8 @@ def check_prompts(prompt_ids: object, *, vocab_size: int, max_model_len: int) ->
         if isinstance(p, Tensor):
             if p.dim() != 1 or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
                 raise ValueError(
-                    f"prompt_ids[{i}] must be a 1-D integer tensor, got shape {tuple(p.shape)}, dtype {p.dtype}"
+                    f"prompt_ids[{i}] must be a 1-D integer tensor, "
+                    f"got shape {tuple(p.shape)}, dtype {p.dtype}"
                 )
             ids = [int(x) for x in p.tolist()]
         elif (isinstance(p, Sequence) and not isinstance(p, (str, bytes))) or _is_1d_array(p):

@@ -116,7 +116,7 @@ def _gguf_path() -> Path:
 
 
 def _convert(gguf: Path, out: Path, *, version: str) -> None:
-    """De-quantizes the GGUF into an HF directory `out` (config, safetensors, tokenizer, generation config)."""
+    """De-quantizes the GGUF into the HF dir `out`: config, safetensors, tokenizer, generation config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, name = str(gguf.parent), gguf.name

@@ -32,7 +32,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -206,13 +206,15 @@ def generate(
     from vllm import SamplingParams
 
     cfg = _config(llm)
+    # First, before any check that raises: ranks of a TP group that raised on different inputs would
+    # leave the others waiting in a collective. Same inputs fail the same way on every rank.
+    options = (n, temperature, max_tokens, top_p, top_k, stop_token_ids, ignore_eos, seed)
+    _check_same_across_tp(llm, lambda: _fingerprint(prompt_ids, options), "generate() arguments")
     check_sampling(n=n, temperature=temperature, max_tokens=max_tokens, top_p=top_p, top_k=top_k)
     stops = check_token_ids("stop_token_ids", stop_token_ids)
     prompts = check_prompts(
         prompt_ids, vocab_size=cfg.model_config.get_vocab_size(), max_model_len=cfg.model_config.max_model_len
     )
-    options = (n, float(temperature), max_tokens, float(top_p), top_k, stops, bool(ignore_eos), seed)
-    _check_same_across_tp(llm, repr((prompts, options)).encode(), "generate() arguments")
     if not prompts:
         return empty_rollout()
 
@@ -342,20 +344,30 @@ def wake_engine(llm: LLM, *, tags: Sequence[str] | None = None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_same_across_tp(llm: LLM, payload: bytes, what: str) -> None:
+def _fingerprint(prompt_ids: object, options: tuple) -> bytes:
+    """A canonical byte string of generate()'s arguments (valid or not), for the TP comparison."""
+    try:
+        rows: object = [p.tolist() if hasattr(p, "tolist") else list(p) for p in prompt_ids]  # type: ignore
+    except TypeError:
+        rows = f"<not iterable: {type(prompt_ids).__name__}>"
+    return repr((rows, [list(o) if isinstance(o, (list, tuple)) else o for o in options])).encode()
+
+
+def _check_same_across_tp(llm: LLM, payload: Callable[[], bytes], what: str) -> None:
     """Raises unless every rank of this engine's TP group passed the same payload (one gloo gather)."""
     if _config(llm).parallel_config.tensor_parallel_size == 1:
         return
     from vllm.distributed.parallel_state import get_tp_group
 
     group = get_tp_group()
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = hashlib.sha256(payload()).hexdigest()
     gathered: list[Any] = [None] * group.world_size
     torch.distributed.all_gather_object(gathered, digest, group=group.cpu_group)
     if len(set(gathered)) != 1:
         raise ValueError(
             f"{what} differ across the {group.world_size} ranks of this tensor-parallel group (global rank "
-            f"{torch.distributed.get_rank()}); every rank of a TP group must pass the same prompts and options"
+            f"{torch.distributed.get_rank()}); every rank of a TP group must pass the same prompts and "
+            "options"
         )
 
 

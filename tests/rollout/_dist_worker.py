@@ -61,6 +61,11 @@ def main() -> None:
             result["tp_mismatch_error"] = None
         except ValueError as e:
             result["tp_mismatch_error"] = str(e)
+        try:  # one rank's input is invalid: it must not raise alone and leave the other rank waiting
+            generate(engine, [[1] * 500] if rank % tp == 0 else prompts, n=1, temperature=0, max_tokens=4)
+            result["tp_invalid_error"] = None
+        except ValueError as e:
+            result["tp_invalid_error"] = str(e)
     if trainer_group:
         x = torch.tensor([float(rank + 1)])
         torch.distributed.all_reduce(x)
@@ -71,5 +76,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()  # then a normal exit (~7 s): it unlinks vLLM's CPU TP shared memory (/dev/shm/*cpushm*), which
-    # os._exit would leave behind, failing the next TP run on this host with "create shm ... errno: 17"
+    main()
+    sys.stdout.flush()
+    if int(sys.argv[2]) == 1:
+        os._exit(0)  # skip the slow (~7 s) interpreter teardown
+    # TP > 1: a normal exit, which unlinks vLLM's CPU TP shared memory (/dev/shm/*cpushm_*); os._exit would
+    # leave it behind and the next TP run on this host would fail with "create shm ... errno: 17"

@@ -109,4 +109,5 @@ def test_tensor_parallel_two_ranks_one_engine(tiny_model_dir, tiny_engine, origi
         _assert_matches(res["perturbed"], pert)
         _assert_matches(res["restored"], base)
         assert "differ across the 2 ranks of this tensor-parallel group" in res["tp_mismatch_error"]
+        assert "differ across the 2 ranks of this tensor-parallel group" in res["tp_invalid_error"]
     assert ranks[0]["greedy"]["ids"] == ranks[1]["greedy"]["ids"]

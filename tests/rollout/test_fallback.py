@@ -29,7 +29,8 @@ def test_processed_logprobs_literals():
     # top-k 2 keeps 3/10, 4/10 -> renormalized 3/7, 4/7
     k2 = torch.tensor([[inf, inf, math.log(3 / 7), math.log(4 / 7)]])
     torch.testing.assert_close(processed_logprobs(LOGITS, temperature=1.0, top_k=2, top_p=1.0), k2, **EXACT)
-    # top-p 0.5: sorted 0.4, 0.3, 0.2, 0.1; mass before each = 0, 0.4, 0.7, 0.9; keep while < 0.5 -> same as k2
+    # top-p 0.5: sorted 0.4, 0.3, 0.2, 0.1; mass before each = 0, 0.4, 0.7, 0.9; keep while < 0.5
+    # -> the same as k2
     torch.testing.assert_close(
         processed_logprobs(LOGITS, temperature=1.0, top_k=None, top_p=0.5), k2, **EXACT
     )

@@ -1,0 +1,63 @@
+"""recipes/grpo.py end to end on the embedded default model: two real GRPO steps on CPU.
+
+What it proves: the loop runs; rewards vary within groups so the policy gets a gradient; the update
+changes the weights; and the weights pushed into the embedded engine after step 1 are the trainer's
+(at step 2 the engine's log-probs of its own samples match the updated trainer's: mismatch KL 2.8e-7
+measured; with the push removed from the recipe the same run gives 0.149 at step 2).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo")
+    cmd = [sys.executable, str(REPO / "recipes" / "grpo.py"), "--steps", "2", "--prompts-per-rank", "4",
+           "--group-size", "4", "--max-response-len", "24", "--max-operand", "9", "--lr", "1e-4",
+           "--val-prompts", "8", "--kv-cache-gb", "0.25", "--out-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, lines, proc.stdout
+
+
+def test_two_steps_log_verl_metrics(run):
+    _, lines, stdout = run
+    steps = [m for m in lines if "critic/score/mean" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "response_length/mean",
+                    "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights", "rollout_corr/kl"):
+            assert key in m and m[key] == m[key], key  # present and not NaN
+        assert 0.0 <= m["critic/score/mean"] <= 1.0
+    assert any("val-core/rlprims/arithmetic/acc/mean@1" in m for m in lines)
+    assert "step    2" in stdout
+
+
+def test_policy_moves_and_engine_follows(run):
+    out, lines, _ = run
+    steps = [m for m in lines if "critic/score/mean" in m]
+    assert max(m["actor/grad_norm"] for m in steps) > 0, "no group had mixed rewards: nothing was learned"
+    # step 2 samples from the engine after the first push: it must hold the updated weights
+    assert steps[1]["rollout_corr/kl"] < 1e-4, steps[1]["rollout_corr/kl"]
+
+    from safetensors.torch import load_file
+
+    from rlprims.rollout import default_model_path
+
+    before = load_file(os.path.join(default_model_path(), "model.safetensors"))
+    after = load_file(str(out / "final" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before[name].float(), after[name].float()), "the checkpoint equals the initial model"
