@@ -183,10 +183,11 @@ def main(args: Args) -> None:
         return all_reduce({f"val-core/{mine[0][1]['data_source']}/acc/mean@1": acc}, world, mean=True)
 
     log = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
-    if args.val_prompts and rank == 0:
-        print(json.dumps({"step": 0, **validate()}))
-    elif args.val_prompts:
-        validate()
+    if args.val_prompts:
+        initial = validate()
+        if rank == 0:
+            print(json.dumps({"step": 0, **initial}))
+            log.write(json.dumps({"step": 0, **initial}) + "\n")
 
     for step in range(1, args.steps + 1):
         t_step = time.perf_counter()

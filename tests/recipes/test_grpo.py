@@ -61,3 +61,20 @@ def test_policy_moves_and_engine_follows(run):
     after = load_file(str(out / "final" / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(before[name].float(), after[name].float()), "the checkpoint equals the initial model"
+
+
+def test_two_ranks_under_torchrun(tmp_path):
+    """Data parallel: two ranks, one engine each, gradients all-reduced; both engines follow the trainer."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "recipes" / "grpo.py"), "--steps", "2", "--prompts-per-rank", "2", "--group-size", "4",
+           "--max-response-len", "24", "--max-operand", "9", "--lr", "1e-4", "--val-prompts", "4",
+           "--kv-cache-gb", "0.25", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "critic/score/mean" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert steps[-1]["perf/total_num_tokens"] > 0
+    assert max(m["actor/grad_norm"] for m in steps) > 0
+    assert steps[1]["rollout_corr/kl"] < 1e-4  # averaged over both ranks' engines
