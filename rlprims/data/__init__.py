@@ -5,6 +5,7 @@ A row: {"data_source": str, "prompt": [{"role", "content"}, ...], "ability": str
 """
 
 from rlprims.data.arithmetic import arithmetic_rows
+from rlprims.data.chat import chat_prompt_ids
 from rlprims.data.verl_parquet import read_verl_parquet, validate_rows, write_verl_parquet
 
-__all__ = ["arithmetic_rows", "read_verl_parquet", "validate_rows", "write_verl_parquet"]
+__all__ = ["arithmetic_rows", "chat_prompt_ids", "read_verl_parquet", "validate_rows", "write_verl_parquet"]

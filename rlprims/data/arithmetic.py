@@ -9,7 +9,9 @@ DATA_SOURCE = "rlprims/arithmetic"
 INSTRUCTION = "Give the final answer as a number at the end of your reply."
 
 
-def arithmetic_rows(n: int, *, seed: int, max_operand: int = 99, split: str = "train") -> list[dict[str, Any]]:
+def arithmetic_rows(
+    n: int, *, seed: int, max_operand: int = 99, split: str = "train"
+) -> list[dict[str, Any]]:
     """`n` prompts "What is a + b?" / "a - b" / "a * b" with 0 ≤ a, b ≤ max_operand, and their answers.
 
     Deterministic in `seed`; use different seeds for train and test. Scored by

@@ -3,6 +3,6 @@ DTensor resharding and weight buckets for the engine. Functions take an explicit
 DeviceMesh; nothing here runs at import.
 """
 
-from rlprims.parallel.normalizers import step_loss_normalizers
+from rlprims.parallel.normalizers import all_reduce_scalars, step_loss_normalizers
 
-__all__ = ["step_loss_normalizers"]
+__all__ = ["all_reduce_scalars", "step_loss_normalizers"]

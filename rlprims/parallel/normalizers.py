@@ -1,4 +1,5 @@
-"""Loss normalizers summed over an optimizer step: every micro-batch, every data-parallel rank."""
+"""Loss normalizers summed over an optimizer step (every micro-batch, every data-parallel rank), and
+scalar reductions for logging."""
 
 from __future__ import annotations
 
@@ -33,3 +34,21 @@ def step_loss_normalizers(
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=group)
     return LossNormalizers(num_tokens=totals[0], num_seqs=totals[1])
+
+
+def all_reduce_scalars(
+    values: dict[str, float], *, mean: bool, device: torch.device | str = "cpu",
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, float]:
+    """Each named Python scalar summed (mean=False) or averaged (mean=True) over the ranks of `group`.
+
+    One all-reduce of a float64 vector on `device` (a CUDA device for NCCL, CPU for gloo). Without an
+    initialized process group, or on one rank, returns the values unchanged. For logging.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return dict(values)
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    if mean:
+        t = t / dist.get_world_size(group)
+    return dict(zip(values, t.tolist()))

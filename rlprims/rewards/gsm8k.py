@@ -34,7 +34,12 @@ def extract_gsm8k_answer(solution_str: str, *, strict: bool) -> str | None:
 
 
 def gsm8k_score(
-    solution_str: str, ground_truth: str, *, strict: bool = True, format_score: float = 0.0, score: float = 1.0
+    solution_str: str,
+    ground_truth: str,
+    *,
+    strict: bool = True,
+    format_score: float = 0.0,
+    score: float = 1.0,
 ) -> float:
     """`score` if the extracted answer equals the ground truth, `format_score` if an answer was found but
     is wrong, 0 if none was found (verl's gsm8k.compute_score). Answers compare as normalized strings;

@@ -14,7 +14,7 @@ from rlprims.ops.reduce import (
     aggregate_token_mean,
     loss_normalizers,
 )
-from rlprims.parallel import step_loss_normalizers
+from rlprims.parallel import all_reduce_scalars, step_loss_normalizers
 from tests.tolerances import GRAD_SPLIT
 
 WORLD = 2
@@ -53,6 +53,10 @@ def _worker(rank, init_file, out_dir):
         dist.all_reduce(param.grad)  # DDP/FSDP sum gradients over ranks
         if rank == 0:
             torch.save(param.grad, os.path.join(out_dir, f"grad{k}.pt"))
+    summed = all_reduce_scalars({"a": rank + 1.0, "b": 10.0 * rank}, mean=False)
+    averaged = all_reduce_scalars({"a": rank + 1.0}, mean=True)
+    if rank == 0:
+        torch.save((summed, averaged), os.path.join(out_dir, "scalars.pt"))
     dist.destroy_process_group()
 
 
@@ -64,6 +68,8 @@ def test_two_rank_gradient_equals_single_process():
             param = theta.clone().requires_grad_(True)
             _loss(param, adv, mask, agg, loss_normalizers(mask)).backward()
             torch.testing.assert_close(torch.load(os.path.join(tmp, f"grad{k}.pt")), param.grad, **GRAD_SPLIT)
+        summed, averaged = torch.load(os.path.join(tmp, "scalars.pt"))
+        assert summed == {"a": 3.0, "b": 10.0} and averaged == {"a": 1.5}
 
 
 def test_without_process_group_sums_micro_batches():
@@ -76,3 +82,7 @@ def test_without_process_group_sums_micro_batches():
 def test_empty_micro_batch_list_is_an_error():
     with pytest.raises(ValueError, match="micro_batch_masks"):
         step_loss_normalizers([])
+
+
+def test_all_reduce_scalars_without_process_group_is_identity():
+    assert all_reduce_scalars({"x": 2.0}, mean=True) == {"x": 2.0}

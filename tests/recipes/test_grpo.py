@@ -23,11 +23,36 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo")
-    cmd = [sys.executable, str(REPO / "recipes" / "grpo.py"), "--steps", "2", "--prompts-per-rank", "4",
-           "--group-size", "4", "--max-response-len", "24", "--max-operand", "9", "--lr", "1e-4",
-           "--val-prompts", "8", "--kv-cache-gb", "0.25", "--out-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / "grpo.py"),
+        "--steps",
+        "2",
+        "--prompts-per-rank",
+        "4",
+        "--group-size",
+        "4",
+        "--max-response-len",
+        "24",
+        "--max-operand",
+        "9",
+        "--lr",
+        "1e-4",
+        "--val-prompts",
+        "8",
+        "--kv-cache-gb",
+        "0.25",
+        "--out-dir",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, lines, proc.stdout
@@ -38,8 +63,16 @@ def test_two_steps_log_verl_metrics(run):
     steps = [m for m in lines if "critic/score/mean" in m]
     assert [m["step"] for m in steps] == [1, 2]
     for m in steps:
-        for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "response_length/mean",
-                    "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights", "rollout_corr/kl"):
+        for key in (
+            "actor/pg_loss",
+            "actor/entropy",
+            "actor/grad_norm",
+            "response_length/mean",
+            "timing_s/gen",
+            "timing_s/update_actor",
+            "timing_s/update_weights",
+            "rollout_corr/kl",
+        ):
             assert key in m and m[key] == m[key], key  # present and not NaN
         assert 0.0 <= m["critic/score/mean"] <= 1.0
     assert any("val-core/rlprims/arithmetic/acc/mean@1" in m for m in lines)
@@ -60,17 +93,48 @@ def test_policy_moves_and_engine_follows(run):
     before = load_file(os.path.join(default_model_path(), "model.safetensors"))
     after = load_file(str(out / "final" / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(before[name].float(), after[name].float()), "the checkpoint equals the initial model"
+    assert not torch.equal(before[name].float(), after[name].float()), (
+        "the checkpoint equals the initial model"
+    )
 
 
 def test_two_ranks_under_torchrun(tmp_path):
     """Data parallel: two ranks, one engine each, gradients all-reduced; both engines follow the trainer."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(REPO / "recipes" / "grpo.py"), "--steps", "2", "--prompts-per-rank", "2", "--group-size", "4",
-           "--max-response-len", "24", "--max-operand", "9", "--lr", "1e-4", "--val-prompts", "4",
-           "--kv-cache-gb", "0.25", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "recipes" / "grpo.py"),
+        "--steps",
+        "2",
+        "--prompts-per-rank",
+        "2",
+        "--group-size",
+        "4",
+        "--max-response-len",
+        "24",
+        "--max-operand",
+        "9",
+        "--lr",
+        "1e-4",
+        "--val-prompts",
+        "4",
+        "--kv-cache-gb",
+        "0.25",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in steps if "critic/score/mean" in m]
