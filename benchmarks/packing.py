@@ -29,7 +29,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlprims.models.packed import PACKED_ATTENTION, register_packed_attention, response_logprobs
-from rlprims.ops.logprobs import logprobs_from_hidden
+from rlprims.ops.logprobs import DEFAULT_CHUNK_SIZE, logprobs_from_hidden
+
+CHUNK_SIZE = DEFAULT_CHUNK_SIZE  # tokens per chunk of the log-prob op (--chunk-size)
 
 CPU_DEFAULTS = dict(
     batch_size=8, hidden=128, layers=2, heads=4, kv_heads=2, vocab=2048, steps=4, warmup=1, repeats=2
@@ -58,7 +60,11 @@ def padded_logprobs(model, ids, attn, resp, temperature):
     hidden = model.model(input_ids=ids, attention_mask=attn.long()).last_hidden_state  # right padding
     b_idx, t_idx = torch.nonzero(resp, as_tuple=True)
     lp = logprobs_from_hidden(
-        hidden[b_idx, t_idx - 1], model.lm_head.weight, ids[b_idx, t_idx], temperature=temperature
+        hidden[b_idx, t_idx - 1],
+        model.lm_head.weight,
+        ids[b_idx, t_idx],
+        temperature=temperature,
+        chunk_size=CHUNK_SIZE,
     )
     out = torch.zeros(ids.shape, dtype=lp.dtype, device=ids.device)
     return out.index_put((b_idx, t_idx), lp)
@@ -73,7 +79,7 @@ def full_logits_logprobs(model, ids, attn, resp, temperature):
 
 
 def packed_logprobs(model, ids, attn, resp, temperature):
-    return response_logprobs(model, ids, attn, resp, temperature=temperature)
+    return response_logprobs(model, ids, attn, resp, temperature=temperature, chunk_size=CHUNK_SIZE)
 
 
 def sync(device):
@@ -136,7 +142,10 @@ def main():
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int, help="runs per batch and mode; the fastest counts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per log-prob chunk")
     args = p.parse_args()
+    global CHUNK_SIZE
+    CHUNK_SIZE = args.chunk_size
     defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -185,7 +194,7 @@ def main():
     print(
         f"device {name}, torch {torch.__version__}, {dtype}, threads {torch.get_num_threads()}\n"
         f"model: Llama {n_params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
-        f"{args.heads}/{args.kv_heads} heads, vocab {args.vocab})\n"
+        f"{args.heads}/{args.kv_heads} heads, vocab {args.vocab}); log-prob chunk {args.chunk_size} tokens\n"
         f"batches: {args.steps} timed (best of {args.repeats}) x {args.batch_size} sequences, "
         f"lengths uniform [{args.min_len}, {args.max_len}], prompt {args.prompt_len}; valid tokens {valid}, padded tokens {padded} "
         f"({100 * (1 - valid / padded):.0f}% padding)\n"
