@@ -116,7 +116,7 @@ def kl_k1_st(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
     Forward: exactly `kl_k1`. Backward: exactly `kl_k2`'s, ∂out/∂log π = Δ, ∂out/∂log π_ref = −Δ.
     Same numbers as verl's "+" definition (some verl versions fail to strip the "+" in the dispatcher
-    and raise NotImplementedError; here each variant is its own function).
+    and reject the name; here each variant is its own function).
     Schulman 2020, http://joschu.net/blog/kl-approx.html.
     Shapes: logprobs [B, T], ref_logprobs [B, T] -> [B, T].
     """
