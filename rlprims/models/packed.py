@@ -302,7 +302,8 @@ def _check_model(model: nn.Module) -> nn.Module:
 def packed_hidden_states(model: nn.Module, packed: PackedSequences) -> Tensor:
     """Final hidden states (after the last norm) of the backbone on a packed stream.
 
-    Runs `model.get_decoder()` on input_ids [1, N] with the packed position ids and cu_seqlens; each
+    Runs the causal LM on input_ids [1, N] with the packed position ids and cu_seqlens, without
+    computing logits (works under FSDP2, whose root hook gathers the embedding and LM head); each
     sequence attends only to itself, so row i equals the padded forward's hidden state at the same token.
     The model must use `PACKED_ATTENTION`. Useful beyond log-probs (value heads, reward models).
     Shapes: packed with N tokens -> [N, hidden_size].
@@ -312,18 +313,22 @@ def packed_hidden_states(model: nn.Module, packed: PackedSequences) -> Tensor:
         raise ValueError(
             f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}"
         )
-    backbone = model.get_decoder()
-    out = backbone(
+    # Through the causal LM's own forward, not the backbone's: FSDP2 gathers the root module's parameters
+    # (embedding, final norm, LM head) in the root's forward hook. No logits are computed (an empty
+    # `logits_to_keep`); the last entry of `hidden_states` is the backbone's normed output.
+    out = model(
         input_ids=packed.input_ids.unsqueeze(0),
         attention_mask=None,
         position_ids=packed.position_ids.unsqueeze(0),
         use_cache=False,
+        logits_to_keep=torch.zeros(0, dtype=torch.long, device=packed.input_ids.device),
+        output_hidden_states=True,
         cu_seq_lens_q=packed.cu_seqlens,
         cu_seq_lens_k=packed.cu_seqlens,
         max_length_q=packed.max_seqlen,
         max_length_k=packed.max_seqlen,
     )
-    return out.last_hidden_state[0]
+    return out.hidden_states[-1][0]
 
 
 def _lm_head_weight(model: nn.Module) -> Tensor:
@@ -356,8 +361,8 @@ def _response_inputs(model, input_ids, attention_mask, response_mask):
     check_mask("response_mask", response_mask, input_ids.shape)
     packed = pack_sequences(input_ids, attention_mask)
     positions = packed_response_positions(response_mask, packed)  # [M]; predicted by positions − 1
-    weight = _lm_head_weight(model)
     hidden = packed_hidden_states(model, packed)
+    weight = _lm_head_weight(model)  # after the forward: under FSDP2 the root's weights are gathered now
     return (
         packed,
         positions,
