@@ -1,11 +1,55 @@
-"""rlprims.data: prompt datasets in verl's parquet schema, and the embedded synthetic task.
+"""rlprims.data: datasets in verl's parquet schemas, the embedded synthetic task, and the sampler.
 
-A row: {"data_source": str, "prompt": [{"role", "content"}, ...], "ability": str,
+A prompt row: {"data_source": str, "prompt": [{"role", "content"}, ...], "ability": str,
 "reward_model": {"style": str, "ground_truth": str}, "extra_info": {"split": str, "index": int, ...}}.
+SFT rows: {"prompt", "response"} or {"messages"}; preference rows: {"prompt", "chosen", "rejected"}.
+See docs/data.md.
 """
 
-from rlprims.data.arithmetic import arithmetic_rows
+from rlprims.data.arithmetic import (
+    arithmetic_preference_rows,
+    arithmetic_problems,
+    arithmetic_rows,
+    arithmetic_sft_rows,
+    worked_answer,
+)
 from rlprims.data.chat import chat_prompt_ids
+from rlprims.data.gsm8k import convert_gsm8k, gsm8k_rows
+from rlprims.data.preference import (
+    PreferenceTokens,
+    preference_tokens,
+    read_preference_parquet,
+    validate_preference_rows,
+    write_preference_parquet,
+)
+from rlprims.data.sampler import SamplerState, epoch_permutation, next_indices, sampler_init
+from rlprims.data.sft import SFTTokens, read_sft_parquet, sft_tokens, validate_sft_rows, write_sft_parquet
 from rlprims.data.verl_parquet import read_verl_parquet, validate_rows, write_verl_parquet
 
-__all__ = ["arithmetic_rows", "chat_prompt_ids", "read_verl_parquet", "validate_rows", "write_verl_parquet"]
+__all__ = [
+    "PreferenceTokens",
+    "SFTTokens",
+    "SamplerState",
+    "arithmetic_preference_rows",
+    "arithmetic_problems",
+    "arithmetic_rows",
+    "arithmetic_sft_rows",
+    "chat_prompt_ids",
+    "convert_gsm8k",
+    "epoch_permutation",
+    "gsm8k_rows",
+    "next_indices",
+    "preference_tokens",
+    "read_preference_parquet",
+    "read_sft_parquet",
+    "read_verl_parquet",
+    "sampler_init",
+    "sft_tokens",
+    "validate_preference_rows",
+    "validate_rows",
+    "validate_sft_rows",
+    "worked_answer",
+    "write_preference_parquet",
+    "write_sft_parquet",
+    "write_verl_parquet",
+]
