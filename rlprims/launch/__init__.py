@@ -1,4 +1,18 @@
-"""rlprims.launch: torchrun SPMD initialization and submitit/Slurm submission.
+"""rlprims.launch: SPMD start-up (torchrun, Slurm or one `python` process) and Slurm submission.
 
-Empty so far: recipes read RANK / WORLD_SIZE / LOCAL_RANK from torchrun's environment themselves.
+- `init(seed=...)` -> `Dist`: reads torchrun's / Slurm's rendezvous variables (or none: a group of one),
+  takes the GPU LOCAL_RANK (NCCL) or the CPU (gloo), initialises the default process group with a
+  timeout and seeds python / numpy / torch identically on every rank; `shutdown(dist)` ends it.
+- `parse_args(Args)`: a recipe's `Args` dataclass as flags (HfArgumentParser), help from the field
+  docstrings.
+- `python -m rlprims.launch.slurm --nodes N --gpus-per-node G recipes/grpo.py -- ...` (module
+  `rlprims.launch.slurm`, needs submitit): one task per GPU on Slurm, requeue on preemption / time-out,
+  `--local` for this machine. Not imported here, so `import rlprims.launch` needs no submitit.
+
+See docs/launch.md.
 """
+
+from rlprims.launch.args import field_docstrings, parse_args
+from rlprims.launch.spmd import Dist, init, seed_all, shutdown
+
+__all__ = ["Dist", "init", "shutdown", "seed_all", "parse_args", "field_docstrings"]
