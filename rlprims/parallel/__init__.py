@@ -1,8 +1,45 @@
 """rlprims.parallel: the torch.distributed side — step-wide loss normalizers, DeviceMesh/FSDP2 set-up,
 DTensor resharding and weight buckets for the engine. Functions take an explicit process group or
-DeviceMesh; nothing here runs at import.
+DeviceMesh; nothing here runs at import. This package never imports rlprims.rollout: it yields
+(name, tensor) pairs that the recipe hands to rlprims.rollout.update_weights.
+
+  build_mesh, fsdp_mesh                     (dp, tp) DeviceMesh with collective timeouts; FSDP's 1-D mesh.
+  shard_model, decoder_layers               FSDP2 per decoder layer + root, mixed precision, CPU offload.
+  weight_buckets, engine_weights            full weights gathered bucket by bucket, cast, renamed.
+  EngineTPLayout, engine_tp_layout,         vLLM's tensor-parallel slicing, and DTensor resharding of
+  engine_tp_dim, engine_tp_slice,           training weights to it.
+  reshard_for_engine
+  step_loss_normalizers, all_reduce_scalars step-wide loss normalizers, scalar logging reductions.
+  step_micro_batches                        micro-batch plans with the same pass count on every rank.
 """
 
+from rlprims.parallel.buckets import DEFAULT_BUCKET_BYTES, engine_weights, weight_buckets
+from rlprims.parallel.fsdp import decoder_layers, shard_model
+from rlprims.parallel.mesh import build_mesh, fsdp_mesh
 from rlprims.parallel.normalizers import all_reduce_scalars, step_loss_normalizers
+from rlprims.parallel.plan import step_micro_batches
+from rlprims.parallel.reshard import (
+    EngineTPLayout,
+    engine_tp_dim,
+    engine_tp_layout,
+    engine_tp_slice,
+    reshard_for_engine,
+)
 
-__all__ = ["all_reduce_scalars", "step_loss_normalizers"]
+__all__ = [
+    "all_reduce_scalars",
+    "step_loss_normalizers",
+    "step_micro_batches",
+    "build_mesh",
+    "fsdp_mesh",
+    "shard_model",
+    "decoder_layers",
+    "weight_buckets",
+    "engine_weights",
+    "DEFAULT_BUCKET_BYTES",
+    "EngineTPLayout",
+    "engine_tp_layout",
+    "engine_tp_dim",
+    "engine_tp_slice",
+    "reshard_for_engine",
+]

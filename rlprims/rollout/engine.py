@@ -400,24 +400,44 @@ def _expected_weights(cfg: Any) -> _Expected:
 
     model_dir = cfg.model_config.model
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise ValueError(
-            f"update_weights checks names against the engine's safetensors files; none in {model_dir!r}"
-        )
+    hf = cfg.model_config.hf_config
     shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as handle:
-            for k in handle.keys():
-                shapes[k] = tuple(handle.get_slice(k).get_shape())
+    if files:
+        for f in files:
+            with safe_open(f, framework="pt") as handle:
+                for k in handle.keys():
+                    shapes[k] = tuple(handle.get_slice(k).get_shape())
+    elif str(getattr(getattr(cfg, "load_config", None), "load_format", "")) == "dummy":
+        shapes = _config_weight_shapes(hf)
+    else:
+        raise ValueError(
+            f"update_weights checks names against the engine's safetensors files; none in {model_dir!r} "
+            "(an engine created with engine_args={'load_format': 'dummy'} takes them from config.json)"
+        )
     ignored = {k: shapes.pop(k) for k in [k for k in shapes if k.endswith("rotary_emb.inv_freq")]}
     tied = None
-    hf = cfg.model_config.hf_config
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     embed = [k for k in shapes if k.endswith("embed_tokens.weight")]
     if getattr(text, "tie_word_embeddings", False) and "lm_head.weight" not in shapes and len(embed) == 1:
         ignored["lm_head.weight"] = shapes[embed[0]]
         tied = ("lm_head.weight", embed[0])
     return _Expected(shapes, ignored, tied)
+
+
+def _config_weight_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names and shapes of a transformers model built from its config on the meta device
+    (no memory), as save_pretrained would write them: a tied lm_head is left out. For engines created
+    with load_format="dummy" from a directory that holds only config.json (random weights, no files)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    state = model.state_dict()
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if getattr(text, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
 
 
 def _checked(
