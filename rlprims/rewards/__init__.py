@@ -9,7 +9,7 @@ from rlprims.rewards.format import format_score
 from rlprims.rewards.gsm8k import extract_gsm8k_answer, gsm8k_score
 from rlprims.rewards.loading import load_reward_fn
 from rlprims.rewards.math import math_verify_score
-from rlprims.rewards.score import KNOWN_SOURCES, compute_score
+from rlprims.rewards.score import KNOWN_SOURCES, compute_score, score_responses
 
 __all__ = [
     "KNOWN_SOURCES",
@@ -19,4 +19,5 @@ __all__ = [
     "gsm8k_score",
     "load_reward_fn",
     "math_verify_score",
+    "score_responses",
 ]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import torch
 
 from rlprims.rewards.gsm8k import gsm8k_score
 from rlprims.rewards.math import math_verify_score
@@ -43,3 +47,25 @@ def compute_score(
         f"no reward function for data_source={data_source!r}; known: {', '.join(map(repr, KNOWN_SOURCES))}. "
         "Pass your own compute_score to the recipe for other tasks (rlprims.rewards.load_reward_fn)."
     )
+
+
+def score_responses(
+    texts: Sequence[str], rows: Sequence[Mapping[str, Any]], *, reward_fn: Callable[..., float] = compute_score
+) -> torch.Tensor:
+    """One score per response: `reward_fn(row["data_source"], text, row["reward_model"]["ground_truth"],
+    row.get("extra_info"))` for each (text, row) pair (row = the verl-schema row of its prompt).
+
+    Raises ValueError if the counts differ, and names the row whose reward is not a finite number (a
+    NaN reward would turn every advantage of its group into NaN).
+    Shapes: len(texts) == len(rows) == B -> [B] float32 (CPU).
+    """
+    if len(texts) != len(rows):
+        raise ValueError(f"{len(texts)} responses but {len(rows)} rows: pass one row per response")
+    values = []
+    for i, (text, row) in enumerate(zip(texts, rows)):
+        value = reward_fn(row["data_source"], text, row["reward_model"]["ground_truth"], row.get("extra_info"))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"reward_fn returned {value!r} for response {i} (data_source "
+                             f"{row['data_source']!r}): a reward must be a finite number")
+        values.append(float(value))
+    return torch.tensor(values, dtype=torch.float32)

@@ -25,6 +25,9 @@ __all__ = [
     "check_token_ids",
     "pack_rollout",
     "empty_rollout",
+    "RolloutSequences",
+    "rollout_sequences",
+    "decode_responses",
 ]
 
 # finish_reasons codes. STOP: the last response token is EOS or one of `stop_token_ids` (that token is
@@ -193,3 +196,36 @@ def check_token_ids(name: str, ids: Sequence[int]) -> list[int]:
     if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in ids):
         raise ValueError(f"{name} must hold non-negative ints, got {list(ids)!r}")
     return [int(x) for x in ids]
+
+
+class RolloutSequences(NamedTuple):
+    """Prompt and response side by side, the layout a trainer's forward takes.
+
+    Shapes: input_ids, attention_mask, response_mask [B, P + R]; response_mask is True on the response
+    tokens only, so `logprobs[:, P:]` of a forward over these rows lines up with the batch's response_*.
+    """
+
+    input_ids: Tensor  # [B, P+R] int64
+    attention_mask: Tensor  # [B, P+R] bool, prompt or response token
+    response_mask: Tensor  # [B, P+R] bool, response token
+
+
+def rollout_sequences(batch: RolloutBatch) -> RolloutSequences:
+    """`torch.cat([prompt, response], 1)` of the ids and masks (every row's response starts at column P).
+
+    Shapes: RolloutBatch with prompts [B, P] and responses [B, R] -> RolloutSequences of [B, P + R].
+    """
+    return RolloutSequences(
+        input_ids=torch.cat([batch.prompt_ids, batch.response_ids], 1),
+        attention_mask=torch.cat([batch.prompt_mask, batch.response_mask], 1),
+        response_mask=torch.cat([torch.zeros_like(batch.prompt_mask), batch.response_mask], 1),
+    )
+
+
+def decode_responses(tokenizer, batch: RolloutBatch, *, skip_special_tokens: bool = True) -> list[str]:
+    """The text of each row's response tokens (padding excluded), for reward functions.
+
+    Shapes: RolloutBatch with B rows -> B strings.
+    """
+    ids = [row[:n] for row, n in zip(batch.response_ids.tolist(), batch.response_lengths.tolist())]
+    return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)

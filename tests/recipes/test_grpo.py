@@ -1,84 +1,125 @@
-"""recipes/grpo.py end to end on the embedded default model: two real GRPO steps on CPU.
+"""recipes/grpo.py end to end: two ranks on the tiny model (FSDP2, one engine per rank), and resumption.
 
-What it proves: the loop runs; rewards vary within groups so the policy gets a gradient; the update
-changes the weights; and the weights pushed into the embedded engine after step 1 are the trainer's
-(at step 2 the engine's log-probs of its own samples match the updated trainer's: mismatch KL 2.8e-7
-measured; with the push removed from the recipe the same run gives 0.149 at step 2).
+Resumption is checked the hard way: the run is SIGKILLed (once after the step-2 checkpoint, once in the
+middle of writing it) and restarted with the same command; the restarted run must log exactly the same
+numbers as an uninterrupted one (bitwise on CPU: rollout seeds depend only on (seed, step, rank), and the
+checkpoint holds weights, optimizer state, RNG states and the data sampler's position).
 """
 
-import json
+from __future__ import annotations
+
+import math
 import os
+import signal
 import subprocess
-import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.recipes.conftest import REPO, TORCHRUN, metric_lines, run_recipe
 
 pytest.importorskip("vllm")
 
-REPO = Path(__file__).resolve().parents[2]
+STEPS = 3
+FLAGS = ["--steps", str(STEPS), "--prompts-per-rank", "2", "--group-size", "4", "--max-response-len", "16",
+         "--kv-cache-gb", "0.1", "--val-prompts", "4", "--val-every", "2", "--save-every", "1", "--lr", "1e-3",
+         "--reward-fn", str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share"]
+TIMING = ("timing_s/", "perf/throughput")
 
 
-# Small and fast: operands <= 9 make about a third of the samples right, so groups have mixed rewards.
-FLAGS = ["--steps", "2", "--group-size", "4", "--max-response-len", "24", "--max-operand", "9",
-         "--lr", "1e-4", "--kv-cache-gb", "0.25"]
-
-
-def run_recipe(launcher: list[str], out: Path, *flags: str) -> list[dict]:
-    """Runs recipes/grpo.py to completion and returns its metrics.jsonl lines."""
-    cmd = [*launcher, str(REPO / "recipes" / "grpo.py"), *FLAGS, *flags, "--out-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_steps(lines: list[dict]) -> list[dict]:
-    return [m for m in lines if "critic/score/mean" in m]
+def _comparable(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.startswith(TIMING)} for m in lines]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo")
-    return out, run_recipe([sys.executable], out, "--prompts-per-rank", "4", "--val-prompts", "8")
+def reference(tiny_chat_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo-ref")
+    run_recipe("grpo", out, "--model", tiny_chat_model, *FLAGS)
+    return out, metric_lines(out)
 
 
-def test_two_steps_log_verl_metrics(run):
-    _, lines = run
-    steps = train_steps(lines)
-    assert [m["step"] for m in steps] == [1, 2]
-    for m in steps:
-        for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "response_length/mean",
-                    "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights", "rollout_corr/kl"):
-            assert key in m and m[key] == m[key], key  # present and not NaN
-        assert 0.0 <= m["critic/score/mean"] <= 1.0
-    val = [m["step"] for m in lines if "val-core/rlprims/arithmetic/acc/mean@1" in m]
-    assert val == [0, 2]  # before the first step and after the last
+def test_logs_verl_metrics_every_step(reference):
+    out, lines = reference
+    train = [m for m in lines if "critic/score/mean" in m]
+    assert [m["step"] for m in train] == list(range(1, STEPS + 1))
+    for m in train:
+        for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/pg_clipfrac", "actor/ppo_kl",
+                    "response_length/mean", "response_length/clip_ratio", "rollout_corr/kl",
+                    "timing_s/gen", "timing_s/update_actor", "timing_s/sync", "perf/throughput"):
+            assert key in m and math.isfinite(m[key]), key
+        assert m["actor/entropy"] > 0 and m["actor/grad_norm"] > 0  # rewards differ within groups
+        # the engine samples from the weights the trainer has: pushed after every step
+        assert abs(m["rollout_corr/kl"]) < 1e-4, m["rollout_corr/kl"]
+    val = [m["step"] for m in lines if any(k.startswith("val-core/") for k in m)]
+    assert val == [0, 2, 3]  # before the first step, every 2 steps, after the last
 
 
-def test_policy_moves_and_engine_follows(run):
-    out, lines = run
-    steps = train_steps(lines)
-    assert max(m["actor/grad_norm"] for m in steps) > 0, "no group had mixed rewards: nothing was learned"
-    # step 2 samples from the engine after the first push: it must hold the updated weights
-    assert steps[1]["rollout_corr/kl"] < 1e-4, steps[1]["rollout_corr/kl"]
-
+def test_writes_checkpoints_export_and_curves(reference):
+    out, _ = reference
     from safetensors.torch import load_file
 
-    from rlprims.rollout import default_model_path
+    from rlprims.checkpoint import latest_checkpoint
 
-    before = load_file(os.path.join(default_model_path(), "model.safetensors"))
-    after = load_file(str(out / "final" / "model.safetensors"))
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(before[name].float(), after[name].float()), "checkpoint == initial model"
+    assert latest_checkpoint(out / "checkpoints").name == f"step-{STEPS:08d}"
+    weights = load_file(str(out / "hf" / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.weight" in weights
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_two_ranks_under_torchrun(tmp_path):
-    """Data parallel: two ranks, one engine each, gradients all-reduced; both engines follow the trainer."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    steps = train_steps(run_recipe(launcher, tmp_path, "--prompts-per-rank", "2", "--val-prompts", "4"))
-    assert [m["step"] for m in steps] == [1, 2]
-    assert steps[-1]["perf/total_num_tokens"] > 0
-    assert max(m["actor/grad_norm"] for m in steps) > 0
-    assert steps[1]["rollout_corr/kl"] < 1e-4  # averaged over both ranks' engines
+def _start(out: Path, *extra_env: tuple[str, str]) -> subprocess.Popen:
+    cmd = [*TORCHRUN, "--nproc-per-node", "2", str(REPO / "recipes" / "grpo.py"), "--model",
+           os.environ["TINY_MODEL"], *FLAGS, "--out-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **dict(extra_env)}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it could be killed"
+        assert time.monotonic() < deadline, "timed out waiting for the point to kill the run"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_after_a_checkpoint_resumes_bitwise(reference, tiny_chat_model, tmp_path, monkeypatch):
+    _, expected = reference
+    monkeypatch.setenv("TINY_MODEL", tiny_chat_model)
+    proc = _start(tmp_path)
+    _kill_when(proc, lambda: (tmp_path / "checkpoints" / "step-00000002" / "checkpoint.json").exists())
+    run_recipe("grpo", tmp_path, "--model", tiny_chat_model, *FLAGS)
+    assert _comparable(metric_lines(tmp_path)) == _comparable(expected)
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_bitwise(reference, tiny_chat_model, tmp_path, monkeypatch):
+    """A hook (this test's sitecustomize) stalls rank 0 inside the step-2 save; the run is killed there."""
+    _, expected = reference
+    monkeypatch.setenv("TINY_MODEL", tiny_chat_model)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    stalled = tmp_path / "stalled"
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, time
+        import torch.distributed.checkpoint as dcp
+        _save = dcp.save
+        def save(*args, **kwargs):
+            out = _save(*args, **kwargs)
+            where = str(kwargs.get("checkpoint_id", ""))
+            if "step-00000002" in where and os.environ.get("RANK") == "0":
+                open({str(stalled)!r}, "w").close()
+                time.sleep(600)  # killed here: the temp dir holds a complete-looking but unfinished save
+            return out
+        dcp.save = save
+    """))
+    out = tmp_path / "run"
+    proc = _start(out, ("PYTHONPATH", f"{hook}{os.pathsep}{REPO}"))
+    _kill_when(proc, stalled.exists)
+    from rlprims.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(out / "checkpoints").name == "step-00000001"
+    run_recipe("grpo", out, "--model", tiny_chat_model, *FLAGS)
+    assert _comparable(metric_lines(out)) == _comparable(expected)

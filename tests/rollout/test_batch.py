@@ -12,8 +12,10 @@ from rlprims.rollout.batch import (
     check_prompts,
     check_sampling,
     check_token_ids,
+    decode_responses,
     empty_rollout,
     pack_rollout,
+    rollout_sequences,
 )
 
 
@@ -124,3 +126,25 @@ def test_check_token_ids():
         check_token_ids("stop_token_ids", [-1])
     with pytest.raises(ValueError, match="stop_token_ids must be a sequence of ints"):
         check_token_ids("stop_token_ids", 3)  # type: ignore[arg-type]
+
+
+def _small_batch():
+    # prompt 0 = [7, 8], prompt 1 = [9]; n = 1; responses [5] and [6, 3]; pad -1
+    return pack_rollout([[7, 8], [9]], [[5], [6, 3]], [[-0.5], [-0.25, -0.75]], [FINISH_STOP, FINISH_LENGTH],
+                        n=1, pad_token_id=-1)
+
+
+def test_rollout_sequences_literal():
+    seqs = rollout_sequences(_small_batch())
+    assert seqs.input_ids.tolist() == [[7, 8, 5, -1], [-1, 9, 6, 3]]
+    assert seqs.attention_mask.tolist() == [[True, True, True, False], [False, True, True, True]]
+    assert seqs.response_mask.tolist() == [[False, False, True, False], [False, False, True, True]]
+
+
+def test_decode_responses_drops_padding():
+    class Tok:  # records what it was asked to decode
+        def batch_decode(self, ids, skip_special_tokens):
+            return [" ".join(map(str, row)) + ("" if skip_special_tokens else "!") for row in ids]
+
+    assert decode_responses(Tok(), _small_batch()) == ["5", "6 3"]
+    assert decode_responses(Tok(), _small_batch(), skip_special_tokens=False) == ["5!", "6 3!"]
