@@ -35,3 +35,14 @@ BF16_MODEL = dict(rtol=5e-2, atol=5e-2)
 # observed max |Δ| ≈ 1.3e-5 on log-probs down to −11 (tiny test model); 1e-4 leaves ~8× headroom and is
 # still far below any real mismatch (a wrong token, temperature or mask moves log-probs by > 1e-2).
 ENGINE_FP32 = dict(rtol=1e-4, atol=1e-4)
+
+# Triton kernel (rlprims.kernels) gradients against an fp64 reference on the same (already rounded)
+# inputs, compared after dividing both by max|reference| so that one tolerance fits every shape. The
+# kernel, like the chunked reference, rounds dL/dlogits to the input dtype before the two gradient
+# matmuls and rounds the gradients to it at the end: two roundings of the unit roundoff u (bf16 2^-9 ≈
+# 2e-3, fp16 2^-11 ≈ 5e-4) plus random-sign sums over V or N of independently rounded terms. Observed
+# max error ≈ 3u (bf16 6e-3, fp16 6e-4); the tolerances leave ≥ 2.5× headroom (bf16 equals BF16_MATMUL).
+# fp32 inputs use IEEE fp32 dots: observed ≈ 1e-6 of the scale at V = 152k.
+KERNEL_GRAD_BF16 = dict(rtol=1.6e-2, atol=1.6e-2)
+KERNEL_GRAD_FP16 = dict(rtol=4e-3, atol=4e-3)
+KERNEL_GRAD_FP32 = dict(rtol=1e-5, atol=1e-5)

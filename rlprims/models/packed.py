@@ -22,7 +22,8 @@ Three pieces, no model code edited:
 
 3. `packed_hidden_states`, `response_logprobs`, `response_logprobs_and_entropy`: pack a padded batch,
    run the backbone (`model.get_decoder()`) on the stream, and compute log-probs / entropy of the
-   response tokens with the chunked `rlprims.ops.logprobs` functions against the LM-head weight (tied
+   response tokens with `rlprims.kernels.logprobs_*` (the fused Triton kernel for CUDA bf16/fp16/fp32
+   tensors, the chunked `rlprims.ops.logprobs` reference otherwise) against the LM-head weight (tied
    embeddings work: the head's weight is the embedding matrix and receives both gradients). Results come
    back in `[B, T]`, shifted: `logprobs[b, t]` is the log-prob of `input_ids[b, t]`.
 
@@ -40,13 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlprims.kernels import logprobs_and_entropy, logprobs_from_hidden  # Triton on CUDA, else chunked
 from rlprims.ops._validate import check_mask, check_tensor
-from rlprims.ops.logprobs import (
-    DEFAULT_CHUNK_SIZE,
-    LogprobsEntropy,
-    logprobs_and_entropy,
-    logprobs_from_hidden,
-)
+from rlprims.ops.logprobs import DEFAULT_CHUNK_SIZE, LogprobsEntropy
 from rlprims.ops.packing import PackedSequences, pack_sequences, packed_response_positions
 
 __all__ = [

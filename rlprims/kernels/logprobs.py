@@ -1,0 +1,495 @@
+"""Fused LM head -> per-token log-prob and entropy in Triton, forward and backward, no [N, V] logits.
+
+Same signatures, values and gradients as the chunked reference `rlprims.ops.logprobs` (read its
+docstrings for the math); see docs/kernels.md for the design, tolerances and GPU measurements.
+
+Forward (one Triton kernel + O(N) torch epilogue): a grid of (row block, vocabulary split) programs; each
+computes its logit tiles z = (h Wᵀ)/τ with `tl.dot` (fp32 accumulation) and keeps, per row, an online
+log-sum-exp state over its slice of the vocabulary:
+    m = max z,   s = Σ exp(z − m) ≥ 1,   a = Σ exp(z − m)(z − m) ≤ 0,   z_y (the target's logit).
+On a new maximum m' the state is rescaled: s ← e^{m−m'} s, a ← e^{m−m'} (a + s (m − m')). The splits are
+merged the same way; then lse = m + log s, log π(y) = (z_y − m) − log s and H = log s − a/s. Every term
+has a known sign (z_y ≤ m, s ≥ 1, a ≤ 0), so log π(y) ≤ 0 and H ≥ 0 hold exactly in floating point,
+without a clamp. Saved for the backward: hidden, weight, targets, lse [N], H [N].
+
+Backward, per vocabulary chunk [v0, v1) (the chunk is as wide as the memory budget allows, see below):
+  1. a Triton kernel recomputes the logit tiles and writes
+         dL/d(h Wᵀ) = (g_lp (onehot(y) − π) − g_H π (log π + H)) / τ
+     in the input dtype into a [N, v1 − v0] buffer (the reference casts to the input dtype at the same
+     point, before its two matmuls);
+  2. grad_weight[v0:v1] = Dᵀ h — one cuBLAS matmul per chunk, each row of dW written once (no atomics,
+     deterministic);
+  3. grad_hidden += D W[v0:v1] — cuBLAS, summed over chunks in fp32 ([N, H]: small next to [V, H]).
+Memory: the buffer holds at most 2 · chunk_size · V elements (default chunk_size = 1024, V = 152k, bf16:
+0.6 GB), whatever N is; `chunk_size` has the reference's meaning of a memory knob, not a tile size.
+
+Dispatch: `logprobs_and_entropy` / `logprobs_from_hidden` run the kernel for CUDA tensors of dtype
+bf16 / fp16 / fp32 when Triton is importable, and the reference otherwise (CPU, fp64, no Triton). Force
+the kernel with `triton_logprobs_and_entropy` / `triton_logprobs_from_hidden` (on CPU only under
+TRITON_INTERPRET=1, Triton's interpreter), the reference with `rlprims.ops.logprobs_and_entropy` /
+`rlprims.ops.logprobs_from_hidden`.
+
+Differs from the reference: the logits are kept in fp32 straight out of the fp32 accumulator, whereas
+the reference rounds h Wᵀ to the input dtype first (as an HF LM head does) and only then upcasts; for bf16
+inputs this moves log-probs by about |z| · 2⁻⁹ (the kernel is the closer of the two to exact arithmetic
+on the same bf16 inputs). fp32 inputs use IEEE fp32 dots (no TF32), like the reference's fp32 matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlprims.ops.logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    LogprobsEntropy,
+    _check_inputs,
+)
+from rlprims.ops.logprobs import logprobs_and_entropy as _reference_logprobs_and_entropy
+from rlprims.ops.logprobs import logprobs_from_hidden as _reference_logprobs_from_hidden
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference serves every call
+    triton = None
+
+__all__ = [
+    "HAVE_TRITON",
+    "logprobs_and_entropy",
+    "logprobs_from_hidden",
+    "triton_logprobs_and_entropy",
+    "triton_logprobs_from_hidden",
+    "uses_triton_kernel",
+]
+
+HAVE_TRITON = triton is not None
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# The backward's dlogits buffer holds at most this many elements per unit of chunk_size, times V.
+_BUFFER_ROWS_PER_CHUNK = 2
+
+
+if HAVE_TRITON:
+
+    # Integer sizes vary from call to call (packed token counts): no value specialization, one compile.
+    @triton.jit(do_not_specialize=["N", "V", "v_per_split", "num_splits"])
+    def _fwd_kernel(
+        h_ptr, w_ptr, t_ptr, part_ptr,
+        N, V, H, v_per_split, num_splits,
+        stride_hn, stride_hk, stride_wv, stride_wk,
+        inv_temp,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        # Program -> (row block, vocabulary split), GROUP_N row blocks × all splits at a time, so the
+        # programs that run together share both their hidden rows and their weight tiles in L2.
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_N * num_splits
+        first_n = (pid // per_group) * GROUP_N
+        group_n = tl.minimum(num_n - first_n, GROUP_N)
+        pid_n = first_n + (pid % per_group) % group_n
+        pid_s = (pid % per_group) // group_n
+
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
+        ks = tl.arange(0, BLOCK_K)
+        h_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max of z
+        s = tl.zeros([BLOCK_N], tl.float32)  # Σ exp(z − m)
+        a = tl.zeros([BLOCK_N], tl.float32)  # Σ exp(z − m)(z − m), ≤ 0
+        zt = tl.zeros([BLOCK_N], tl.float32)  # z at the target (0 if not in this split)
+
+        v_start = pid_s * v_per_split
+        v_end = tl.minimum(v_start + v_per_split, V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < v_end
+            w_base = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                kk = k0 + ks
+                if EVEN_K:
+                    hb = tl.load(h_base + kk[None, :] * stride_hk, mask=row_ok[:, None], other=0.0)
+                    wb = tl.load(w_base + kk[:, None] * stride_wk, mask=col_ok[None, :], other=0.0)
+                else:
+                    k_ok = kk < H
+                    hb = tl.load(
+                        h_base + kk[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+                    )
+                    wb = tl.load(
+                        w_base + kk[:, None] * stride_wk, mask=col_ok[None, :] & k_ok[:, None], other=0.0
+                    )
+                if UPCAST:  # interpreter only: its dot multiplies bf16 bit patterns as integers
+                    hb = hb.to(tl.float32)
+                    wb = wb.to(tl.float32)
+                acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
+            z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            shift = tl.where(m == float("-inf"), 0.0, m - m_new)  # ≤ 0; s = a = 0 before the first tile
+            alpha = tl.exp(shift)
+            e = tl.exp(z - m_new[:, None])  # 0 on padding columns
+            d = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)  # ≤ 0 (0, not −inf, on padding)
+            a = alpha * (a + s * shift) + tl.sum(e * d, axis=1)
+            s = alpha * s + tl.sum(e, axis=1)
+            m = m_new
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+
+        out = part_ptr + pid_s * N + rows
+        stride_part = num_splits * N
+        tl.store(out, m, mask=row_ok)
+        tl.store(out + stride_part, s, mask=row_ok)
+        tl.store(out + 2 * stride_part, a, mask=row_ok)
+        tl.store(out + 3 * stride_part, zt, mask=row_ok)
+
+    @triton.jit(do_not_specialize=["N", "VC", "v_offset"])
+    def _bwd_dlogits_kernel(
+        h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, d_ptr,
+        N, VC, H, v_offset,
+        stride_hn, stride_hk, stride_wv, stride_wk, stride_dn,
+        inv_temp,
+        HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        # D[n, j] = dL/d(h Wᵀ)[n, v_offset + j] for the chunk's VC columns; grouped tile order for L2.
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_v = tl.cdiv(VC, BLOCK_V)
+        per_group = GROUP_N * num_v
+        first_n = (pid // per_group) * GROUP_N
+        group_n = tl.minimum(num_n - first_n, GROUP_N)
+        pid_n = first_n + (pid % per_group) % group_n
+        pid_v = (pid % per_group) // group_n
+
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        jcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the chunk
+        col_ok = jcols < VC
+        cols = v_offset + jcols
+        ks = tl.arange(0, BLOCK_K)
+        h_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+        w_base = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + ks
+            if EVEN_K:
+                hb = tl.load(h_base + kk[None, :] * stride_hk, mask=row_ok[:, None], other=0.0)
+                wb = tl.load(w_base + kk[:, None] * stride_wk, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = kk < H
+                hb = tl.load(h_base + kk[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wb = tl.load(w_base + kk[:, None] * stride_wk, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:  # interpreter only: its dot multiplies bf16 bit patterns as integers
+                hb = hb.to(tl.float32)
+                wb = wb.to(tl.float32)
+            acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
+
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        logp = acc * inv_temp - lse[:, None]  # log π
+        p = tl.exp(logp)
+        # dz = g_lp (onehot − π) − g_H π (log π + H);  d(h Wᵀ) = dz / τ
+        inner = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        if HAS_GENT:
+            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+            g_ent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0) * inv_temp
+            inner = g_ent[:, None] * (logp + ent[:, None])
+        if HAS_GLP:
+            g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0) * inv_temp
+            tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
+            inner = inner + g_lp[:, None]
+            dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * inner
+        else:
+            dz = -p * inner
+        d_out = d_ptr + rows.to(tl.int64)[:, None] * stride_dn + jcols[None, :]
+        tl.store(d_out, dz.to(d_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Tile shapes and launch settings of the two kernels on CUDA (tuned on an H100, docs/kernels.md) and in
+# the interpreter (small, so that tiny test shapes still span many tiles).
+_FWD_TILES = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)
+_BWD_TILES = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)
+_INTERPRETER_TILES = dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=16, GROUP_N=2, num_warps=4, num_stages=1)
+
+
+def _tiles(device: torch.device, cuda_tiles: dict) -> dict:
+    return cuda_tiles if device.type == "cuda" else _INTERPRETER_TILES
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands: IEEE fp32 (Triton's default would be TF32); bf16/fp16 operands ignore the setting
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_opts(tiles: dict, hidden: Tensor) -> dict:
+    return dict(
+        BLOCK_N=tiles["BLOCK_N"],
+        BLOCK_V=tiles["BLOCK_V"],
+        BLOCK_K=tiles["BLOCK_K"],
+        GROUP_N=tiles["GROUP_N"],
+        EVEN_K=hidden.shape[1] % tiles["BLOCK_K"] == 0,
+        DOT_PRECISION=_dot_precision(hidden.dtype),
+        # Triton's interpreter (3.9) feeds bf16 operands to numpy's matmul as their uint16 bit patterns;
+        # upcasting to fp32 first is exact (a bf16 product fits in fp32), and on a GPU this is off.
+        UPCAST=hidden.dtype == torch.bfloat16 and _interpreting(),
+        num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
+    )
+
+
+def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, tiles: dict | None = None):
+    """-> (logprobs, entropy, lse), each [N] fp32. `tiles` overrides the launch settings (tuning)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    device = hidden.device
+    tiles = tiles or _tiles(device, _FWD_TILES)
+    bn, bv = tiles["BLOCK_N"], tiles["BLOCK_V"]
+    num_n = triton.cdiv(n, bn)
+    # Enough (row block, split) programs for about 8 waves; every split is at least one tile wide.
+    v_tiles = triton.cdiv(v, bv)
+    want = max(1, min(v_tiles, triton.cdiv(8 * _num_sms(device), num_n)))
+    v_per_split = triton.cdiv(v_tiles, want) * bv
+    num_splits = triton.cdiv(v, v_per_split)
+    part = torch.empty(4, num_splits, n, dtype=torch.float32, device=device)
+    _fwd_kernel[(num_n * num_splits,)](
+        hidden, weight, targets, part,
+        n, v, h, v_per_split, num_splits,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        1.0 / temperature,
+        **_launch_opts(tiles, hidden),
+    )  # fmt: skip
+    m_s, s_s, a_s, zt_s = part.unbind(0)
+    # merge the splits: every split holds ≥ 1 column, so each m_s is finite and the largest has s ≥ 1
+    m = m_s.amax(dim=0)
+    shift = m_s - m  # ≤ 0
+    alpha = shift.exp()
+    s = (alpha * s_s).sum(dim=0)  # ≥ 1
+    a = (alpha * (a_s + s_s * shift)).sum(dim=0)  # ≤ 0
+    log_s = s.log()  # ≥ 0
+    logprobs = (zt_s.sum(dim=0) - m) - log_s  # (≤ 0) − (≥ 0): ≤ 0 exactly
+    entropy = log_s - a / s  # (≥ 0) − (≤ 0): ≥ 0 exactly
+    return logprobs, entropy, m + log_s
+
+
+def _backward(
+    hidden, weight, targets, lse, entropy, grad_lp, grad_ent, temperature, chunk_size, need_h, need_w, tiles=None
+):
+    """-> (grad_hidden or None, grad_weight or None). `tiles` overrides the launch settings (tuning)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    device = hidden.device
+    tiles = tiles or _tiles(device, _BWD_TILES)
+    bn, bv = tiles["BLOCK_N"], tiles["BLOCK_V"]
+    # fewest vocabulary chunks whose [N, chunk] buffer fits the budget, then equal widths rounded up to
+    # whole tiles (which may exceed the budget by < BLOCK_V columns)
+    budget = _BUFFER_ROWS_PER_CHUNK * chunk_size * v
+    widest = min(v, max(bv, (budget // n) // bv * bv))
+    vc = min(v, triton.cdiv(triton.cdiv(v, triton.cdiv(v, widest)), bv) * bv)
+    num_chunks = triton.cdiv(v, vc)
+    buf = torch.empty(n, vc, dtype=hidden.dtype, device=device)
+    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_hidden = None
+    acc_hidden = None
+    if need_h and num_chunks > 1:
+        acc_hidden = torch.zeros(n, h, dtype=torch.float32, device=device)
+    dummy = lse  # any fp32 pointer for an absent upstream gradient (never read: constexpr flag)
+    for v0 in range(0, v, vc):
+        width = min(vc, v - v0)
+        d = buf[:, :width]
+        _bwd_dlogits_kernel[(triton.cdiv(n, bn) * triton.cdiv(width, bv),)](
+            hidden, weight, targets, lse, entropy,
+            dummy if grad_lp is None else grad_lp,
+            dummy if grad_ent is None else grad_ent,
+            d,
+            n, width, h, v0,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), d.stride(0),
+            1.0 / temperature,
+            HAS_GLP=grad_lp is not None, HAS_GENT=grad_ent is not None,
+            **_launch_opts(tiles, hidden),
+        )  # fmt: skip
+        if need_w:
+            torch.mm(d.t(), hidden, out=grad_weight[v0 : v0 + width])
+        if need_h:
+            if acc_hidden is None:
+                grad_hidden = d @ weight[v0 : v0 + width]
+            else:
+                acc_hidden += d @ weight[v0 : v0 + width]
+    if acc_hidden is not None:
+        grad_hidden = acc_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    """Triton forward/backward of z = (h Wᵀ)/τ -> (log π(y), H(π)); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):  # type: ignore[override]
+        n = hidden.shape[0]
+        if n == 0:
+            logprobs = hidden.new_zeros(0, dtype=torch.float32)
+            entropy = lse = logprobs
+        else:
+            logprobs, entropy, lse = _forward(hidden, weight, targets, temperature)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.with_entropy = with_entropy
+        ctx.set_materialize_grads(False)
+        if with_entropy:
+            return logprobs, entropy
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        grad_lp = grads[0]
+        grad_ent = grads[1] if ctx.with_entropy else None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (grad_lp is None and grad_ent is None) or not (need_h or need_w):
+            return None, None, None, None, None, None
+        if hidden.shape[0] == 0:
+            gh = torch.zeros_like(hidden) if need_h else None
+            gw = torch.zeros_like(weight) if need_w else None
+            return gh, gw, None, None, None, None
+        gh, gw = _backward(
+            hidden,
+            weight,
+            targets,
+            lse,
+            entropy,
+            None if grad_lp is None else grad_lp.float().contiguous(),
+            None if grad_ent is None else grad_ent.float().contiguous(),
+            ctx.temperature,
+            ctx.chunk_size,
+            need_h,
+            need_w,
+        )
+        return gh, gw, None, None, None, None
+
+
+def uses_triton_kernel(hidden: Tensor) -> bool:
+    """True when the dispatching functions would run the Triton kernel for this `hidden`."""
+    return HAVE_TRITON and hidden.is_cuda and hidden.dtype in _KERNEL_DTYPES
+
+
+def _check_kernel_inputs(hidden, weight, targets, temperature, chunk_size) -> None:
+    _check_inputs(hidden, weight, targets, temperature, chunk_size)
+    if not HAVE_TRITON:
+        raise ValueError("the Triton kernel needs the `triton` package; use rlprims.ops.logprobs instead")
+    if hidden.dtype not in _KERNEL_DTYPES:
+        raise ValueError(
+            f"the Triton kernel takes bf16/fp16/fp32 hidden and lm_head_weight, got {hidden.dtype} "
+            "(fp64: use rlprims.ops.logprobs)"
+        )
+    if not hidden.is_cuda and not _interpreting():
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {hidden.device}"
+        )
+
+
+def triton_logprobs_and_entropy(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LogprobsEntropy:
+    """Log-prob of each target token and the entropy of each next-token distribution, fused in Triton.
+
+    z_n = (h_n Wᵀ) / τ (fp32 accumulation); log π(y_n) = z_{n,y_n} − logsumexp(z_n);
+    H_n = −Σ_v π_v log π_v. Exact gradients to hidden and lm_head_weight from both outputs:
+    ∂log π_y/∂z = onehot(y) − π, ∂H/∂z = −π ⊙ (log π + H). No [N, V] logits in either pass.
+    `chunk_size` bounds the backward's buffer to 2 · chunk_size · V elements of the input dtype (the
+    reference's chunk_size bounds its temporaries to ≈ 4 · chunk_size · V fp32); results do not depend
+    on it except for fp32 summation order of grad_hidden.
+    Differs from `rlprims.ops.logprobs_and_entropy`: logits stay fp32 (not rounded to the input dtype).
+    Shapes: hidden [N, H], lm_head_weight [V, H] (same dtype: bf16, fp16 or fp32; CUDA, or CPU under
+            TRITON_INTERPRET=1), targets [N] int -> LogprobsEntropy(logprobs [N] fp32, entropy [N] fp32).
+    """
+    _check_kernel_inputs(hidden, lm_head_weight, targets, temperature, chunk_size)
+    lp, ent = _FusedLogprobs.apply(
+        hidden, lm_head_weight, targets.long().contiguous(), float(temperature), chunk_size, True
+    )
+    return LogprobsEntropy(logprobs=lp, entropy=ent)
+
+
+def triton_logprobs_from_hidden(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Log-prob of each target token, fused in Triton (`triton_logprobs_and_entropy` without entropy).
+
+    log π(y_n) = z_{n,y_n} − logsumexp(z_n), z_n = (h_n Wᵀ)/τ; the backward skips the entropy terms.
+    Shapes: hidden [N, H], lm_head_weight [V, H], targets [N] int -> logprobs [N] fp32.
+    """
+    _check_kernel_inputs(hidden, lm_head_weight, targets, temperature, chunk_size)
+    return _FusedLogprobs.apply(
+        hidden, lm_head_weight, targets.long().contiguous(), float(temperature), chunk_size, False
+    )
+
+
+def logprobs_and_entropy(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LogprobsEntropy:
+    """Log-prob and entropy per token: the Triton kernel where it applies, else the chunked reference.
+
+    Kernel when `uses_triton_kernel(hidden)` (CUDA, bf16/fp16/fp32, Triton importable):
+    `triton_logprobs_and_entropy`; otherwise `rlprims.ops.logprobs_and_entropy`. Same math, see those.
+    Shapes: hidden [N, H], lm_head_weight [V, H], targets [N] -> LogprobsEntropy([N], [N]).
+    """
+    if uses_triton_kernel(hidden):
+        return triton_logprobs_and_entropy(
+            hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size
+        )
+    return _reference_logprobs_and_entropy(
+        hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size
+    )
+
+
+def logprobs_from_hidden(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Log-prob per token: the Triton kernel where it applies, else the chunked reference.
+
+    Kernel when `uses_triton_kernel(hidden)`: `triton_logprobs_from_hidden`; otherwise
+    `rlprims.ops.logprobs_from_hidden`.
+    Shapes: hidden [N, H], lm_head_weight [V, H], targets [N] -> logprobs [N] fp32.
+    """
+    if uses_triton_kernel(hidden):
+        return triton_logprobs_from_hidden(
+            hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size
+        )
+    return _reference_logprobs_from_hidden(
+        hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size
+    )
