@@ -263,8 +263,21 @@ def test_fsdp2_two_ranks_round_trip_rng_and_export(tmp_path):
 
 
 def test_export_hf_loads_in_vllm(tmp_path):
-    """vLLM reads the export of a trained tied-embedding model: its log-probs match transformers'."""
+    """vLLM reads the export of a trained tied-embedding model: its log-probs match transformers'.
+
+    In a fresh process: an in-process engine leaves vLLM's default process group behind, which later
+    tests of this session (rlprims.launch.init) must not find.
+    """
     pytest.importorskip("vllm")
+    code = ("import sys; from pathlib import Path; from tests.checkpoint.test_checkpoint import _export_then_vllm;"
+            "_export_then_vllm(Path(sys.argv[1])); print('vllm export ok', flush=True)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert "vllm export ok" in done.stdout, (done.stdout[-2000:] + done.stderr[-4000:])
+
+
+def _export_then_vllm(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlprims.rollout import create_engine, generate

@@ -41,10 +41,15 @@ ON_GPU = HAVE_TRITON and torch.cuda.is_available() and not INTERPRET
 KERNEL_RUNS_HERE = HAVE_TRITON and (ON_GPU or INTERPRET)
 DEVICE = "cuda" if ON_GPU else "cpu"
 
-kernel_test = pytest.mark.skipif(
+_skip_without_kernel = pytest.mark.skipif(
     not KERNEL_RUNS_HERE,
     reason="no CUDA: run under TRITON_INTERPRET=1 by test_kernel_suite_in_triton_interpreter",
 )
+
+
+def kernel_test(fn):
+    """Runs on a GPU (selected by `-m gpu`) and in the interpreter; skipped elsewhere."""
+    return pytest.mark.gpu(_skip_without_kernel(fn))
 
 # (H, V): V never a multiple of the tiles (CPU 32, GPU 128); H a multiple of the K tile and not.
 SHAPES = [(896, 32003), (1000, 5003), (64, 151936)] if ON_GPU else [(32, 67), (24, 130), (8, 300)]
@@ -244,6 +249,7 @@ def test_dispatch_and_forcing():
         triton_logprobs_and_entropy(hidden, torch.zeros(11, 7), targets, temperature=1.0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
 def test_dispatch_picks_kernel_on_cuda():
     hidden = torch.randn(5, 64, device="cuda", dtype=torch.bfloat16)

@@ -234,7 +234,10 @@ def test_model_checks():
         )
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash / varlen_attn kernels)")
+def cuda(fn):
+    """A CUDA test (selected by `-m gpu`): skipped without CUDA."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash / varlen_attn kernels)")
+    return pytest.mark.gpu(skip(fn))
 
 
 @cuda
