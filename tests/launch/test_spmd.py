@@ -3,7 +3,6 @@
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from rlprims.launch import Dist, init, seed_all, shutdown
+from tests._procs import kill_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("spmd_script.py")
@@ -98,7 +98,7 @@ def _torchrun(tmp_path, *args, timeout=120):
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

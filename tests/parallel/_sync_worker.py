@@ -14,7 +14,6 @@ import sys
 import time
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.getcwd())  # the repository root

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests._procs import kill_tree
 
 _REPO = Path(__file__).resolve().parents[2]
 _WORKER = Path(__file__).with_name("_sync_worker.py")
@@ -34,7 +35,7 @@ def _run(mode: str) -> tuple[int, float, str]:
     try:
         log, _ = proc.communicate(timeout=_BOUND_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         log, _ = proc.communicate()
         pytest.fail(f"mode={mode}: the job hung for {_BOUND_S} s; last output:\n{log[-4000:]}")
     return proc.returncode, time.monotonic() - start, log

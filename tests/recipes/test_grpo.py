@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+
+from tests._procs import kill_tree
 
 from tests.recipes.conftest import REPO, TORCHRUN, metric_lines, run_recipe
 
@@ -82,7 +83,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it could be killed"
         assert time.monotonic() < deadline, "timed out waiting for the point to kill the run"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ pytest.importorskip("vllm")
 
 from rlprims.rollout import generate, update_weights  # noqa: E402
 from tests.rollout.conftest import perturbed, tiny_engine_prompts  # noqa: E402
+from tests._procs import kill_tree  # noqa: E402, I001
 from tests.tolerances import ENGINE_FP32  # noqa: E402
 
 _TIMEOUT_S = 300
@@ -56,7 +56,7 @@ def _torchrun(model_dir: str, tp: int, out_dir: Path, *extra: str) -> list[dict]
     try:
         log, _ = proc.communicate(timeout=_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         log, _ = proc.communicate()
         pytest.fail(f"torchrun (tp={tp}) hung for {_TIMEOUT_S} s; last output:\n{log[-4000:]}")
     if proc.returncode != 0:
