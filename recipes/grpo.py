@@ -188,7 +188,7 @@ def main(args: Args) -> None:
         t0 = time.perf_counter()
         batch = generate(engine, [data[i][0] for i in picked], n=args.group_size,
                          temperature=args.temperature, max_tokens=args.max_response_len, pad_token_id=pad_id,
-                         seed=(args.seed * 1_000_003 + step) * 4099 + rank // args.tp)
+                         seed=(args.seed * 1_000_003 + step) * 4099 + rank // args.tp, progress=rank == 0)
         batch = type(batch)(*(t.to(device) for t in batch))
         t_gen = time.perf_counter() - t0
 

@@ -183,6 +183,7 @@ def generate(
     ignore_eos: bool = False,
     seed: int | None = None,
     pad_token_id: int = 0,
+    progress: bool = False,
 ) -> RolloutBatch:
     """Samples n responses per prompt with the engine; returns padded tensors, groups contiguous.
 
@@ -195,6 +196,7 @@ def generate(
     seed: None uses the engine's generator (results depend on what ran before). An int makes the call
     reproducible: row r samples with its own generator seeded seed + r (vLLM gives sample k of a prompt
     seed + k), so no two rows share a stream. Give data-parallel ranks different seeds.
+    progress: show vLLM's tqdm bar over the prompts (stderr); pass `rank == 0` to show it once per job.
 
     Raises ValueError, naming the prompt indices, for an empty prompt, a token id outside the vocabulary,
     or a prompt that leaves no room for one response token (len >= max_model_len). An empty prompt list
@@ -235,7 +237,7 @@ def generate(
         return SamplingParams(**kw)
 
     sampling = params(None) if seed is None else [params(seed + i * n) for i in range(len(prompts))]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=bool(progress))
     if len(outputs) != len(prompts):
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
 

@@ -72,6 +72,7 @@ def generate_hf(
     seed: int | None = None,
     max_model_len: int | None = None,
     pad_token_id: int = 0,
+    progress: bool = False,
 ) -> RolloutBatch:
     """Samples n responses per prompt from an HF causal LM with a KV cache; same result as `generate`.
 
@@ -86,6 +87,7 @@ def generate_hf(
     seed: None uses the global torch RNG; an int gives row r its own generator seeded seed + r (same
       rule as `generate`; the streams differ from vLLM's, so sampled tokens differ from vLLM's).
     max_model_len: longest prompt + response; default model.config.max_position_embeddings.
+    progress: a tqdm bar over the decoding steps (stderr).
 
     Shapes: see RolloutBatch (B = len(prompt_ids) * n).
     """
@@ -124,7 +126,12 @@ def generate_hf(
         out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = p_len.clone()
-        for _ in range(max(budget)):
+        steps = range(max(budget))
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="generate", leave=False, dynamic_ncols=True)
+        for _ in steps:
             lp = processed_logprobs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
             tokens = _sample(lp, greedy=temperature == 0, generators=generators)
             tok_lp = lp.gather(1, tokens[:, None])[:, 0]
