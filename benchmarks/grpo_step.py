@@ -55,7 +55,8 @@ def one_size(args: argparse.Namespace) -> dict:
     tmp = tempfile.mkdtemp(prefix="grpo_step_")
     cfg.save_pretrained(tmp)
     t0 = time.perf_counter()
-    engine = create_engine(tmp, max_model_len=args.prompt_len + args.response_len, dtype=str(compute)[6:],
+    engine = create_engine(tmp, max_model_len=args.prompt_len + args.response_len,
+                           dtype=str(compute).removeprefix("torch."),
                            seed=0, kv_cache_memory_bytes=int(args.kv_cache_gb * 2**30),
                            gpu_memory_utilization=0.9, enforce_eager=not args.compile_engine,
                            engine_args=dict(load_format="dummy", skip_tokenizer_init=True))
@@ -170,7 +171,8 @@ def main(argv=None) -> None:
             p.error(f"unknown size {s!r}; choose from {sorted(GEOMETRIES)}")
     rows = []
     for size in sizes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--size", size, *(argv if argv is not None else sys.argv[1:])]
+        own_args = argv if argv is not None else sys.argv[1:]
+        cmd = [sys.executable, os.path.abspath(__file__), "--size", size, *own_args]
         env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
             env.pop(k, None)
