@@ -43,9 +43,11 @@ def one_size(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from rlprims.launch import init
-    from rlprims.models.packed import register_packed_attention, response_logprobs, response_logprobs_and_entropy
+    from rlprims.models.packed import (register_packed_attention, response_logprobs,
+                                       response_logprobs_and_entropy)
     from rlprims.ops import aggregate_token_mean, grpo_advantages, ppo_clip_loss
-    from rlprims.parallel import build_mesh, engine_weights, shard_model, step_loss_normalizers, step_micro_batches
+    from rlprims.parallel import (build_mesh, engine_weights, shard_model, step_loss_normalizers,
+                                  step_micro_batches)
     from rlprims.rollout import create_engine, generate, rollout_sequences, update_weights
 
     ctx = init(seed=0)
