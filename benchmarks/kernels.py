@@ -120,13 +120,12 @@ def tune(hidden_sizes, n) -> None:
     from rlprims.kernels import logprobs as k
 
     configs = [
-        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
-        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=4),
-        dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
-        dict(BLOCK_N=256, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3),
-        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=128, GROUP_N=8, num_warps=8, num_stages=2),
-        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP_N=8, num_warps=4, num_stages=4),
-    ]
+        dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=64, GROUP_N=8, num_warps=w, num_stages=st)
+        for bn, bv, w, st in [
+            (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (256, 128, 8, 4),
+            (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3),
+        ]
+    ]  # fmt: skip
     for h in hidden_sizes:
         hidden, weight, targets, g_lp, g_ent = (t.detach() for t in make_inputs(n, h))
         lp, ent, lse = k._forward(hidden, weight, targets, 1.0)

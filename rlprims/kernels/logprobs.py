@@ -51,6 +51,7 @@ from rlprims.ops.logprobs import logprobs_from_hidden as _reference_logprobs_fro
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # the reference serves every call
     triton = None
 
@@ -71,17 +72,43 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BUFFER_ROWS_PER_CHUNK = 2
 
 
+# Padding columns of a split's last tile get this base-2 logit: exp2 of it underflows to exactly 0, and
+# unlike −inf it keeps e · (u − m) = 0 · (finite) = 0 (−inf would give 0 · −inf = NaN). Real logits are
+# assumed above it (|z| < 1e30; fp32 logits that large overflow every implementation anyway).
+_PAD = -1.0e30
+_LOG2E = 1.4426950408889634  # log2(e): exp(z) = exp2(z · log2 e), the form the hardware computes
+_LN2 = 0.6931471805599453
+
 if HAVE_TRITON:
+    _PAD_T = tl.constexpr(_PAD)
+    _LN2_T = tl.constexpr(_LN2)
+
+    @triton.jit
+    def _logit_tile(
+        h_desc, w_desc, row0, col0, H,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        # acc[i, j] = Σ_k h[row0 + i, k] · W[col0 + j, k] in fp32. TMA loads: rows, columns and k past
+        # the tensors' ends read as zeros, so no masks.
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            hb = h_desc.load([row0, k0])
+            wb = w_desc.load([col0, k0])
+            if UPCAST:  # interpreter only: its dot multiplies bf16 bit patterns as integers
+                hb = hb.to(tl.float32)
+                wb = wb.to(tl.float32)
+            acc = tl.dot(hb, wb.T, acc, input_precision=DOT_PRECISION)
+        return acc
 
     # Integer sizes vary from call to call (packed token counts): no value specialization, one compile.
     @triton.jit(do_not_specialize=["N", "V", "v_per_split", "num_splits"])
     def _fwd_kernel(
-        h_ptr, w_ptr, t_ptr, part_ptr,
+        h_desc, w_desc, t_ptr, part_ptr,
         N, V, H, v_per_split, num_splits,
-        stride_hn, stride_hk, stride_wv, stride_wk,
-        inv_temp,
+        scale,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         # Program -> (row block, vocabulary split), GROUP_N row blocks × all splits at a time, so the
         # programs that run together share both their hidden rows and their weight tiles in L2.
@@ -95,66 +122,52 @@ if HAVE_TRITON:
 
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
-        ks = tl.arange(0, BLOCK_K)
-        h_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+        tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
 
-        m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max of z
-        s = tl.zeros([BLOCK_N], tl.float32)  # Σ exp(z − m)
-        a = tl.zeros([BLOCK_N], tl.float32)  # Σ exp(z − m)(z − m), ≤ 0
-        zt = tl.zeros([BLOCK_N], tl.float32)  # z at the target (0 if not in this split)
+        # State in base 2 (u = z · log2 e, so exp(z − m) = exp2(u − m)), per row:
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max of u
+        s = tl.zeros([BLOCK_N], tl.float32)  # Σ exp2(u − m)
+        a = tl.zeros([BLOCK_N], tl.float32)  # Σ exp2(u − m)(u − m), ≤ 0
+        ut = tl.zeros([BLOCK_N], tl.float32)  # u at the target (0 if not in this split)
 
         v_start = pid_s * v_per_split
         v_end = tl.minimum(v_start + v_per_split, V)
         for v0 in range(v_start, v_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < v_end
-            w_base = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                kk = k0 + ks
-                if EVEN_K:
-                    hb = tl.load(h_base + kk[None, :] * stride_hk, mask=row_ok[:, None], other=0.0)
-                    wb = tl.load(w_base + kk[:, None] * stride_wk, mask=col_ok[None, :], other=0.0)
-                else:
-                    k_ok = kk < H
-                    hb = tl.load(
-                        h_base + kk[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
-                    )
-                    wb = tl.load(
-                        w_base + kk[:, None] * stride_wk, mask=col_ok[None, :] & k_ok[:, None], other=0.0
-                    )
-                if UPCAST:  # interpreter only: its dot multiplies bf16 bit patterns as integers
-                    hb = hb.to(tl.float32)
-                    wb = wb.to(tl.float32)
-                acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
-            z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
+            acc = _logit_tile(
+                h_desc, w_desc, pid_n * BLOCK_N, v0, H, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST
+            )
+            u = acc * scale
+            if v0 + BLOCK_V > v_end:  # only a split's last tile has padding columns
+                u = tl.where((cols < v_end)[None, :], u, _PAD_T)
+            m_new = tl.maximum(m, tl.max(u, axis=1))
             shift = tl.where(m == float("-inf"), 0.0, m - m_new)  # ≤ 0; s = a = 0 before the first tile
-            alpha = tl.exp(shift)
-            e = tl.exp(z - m_new[:, None])  # 0 on padding columns
-            d = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)  # ≤ 0 (0, not −inf, on padding)
+            alpha = tl.exp2(shift)
+            d = u - m_new[:, None]  # ≤ 0
+            e = tl.exp2(d)  # 0 on padding columns, where d is finite
             a = alpha * (a + s * shift) + tl.sum(e * d, axis=1)
             s = alpha * s + tl.sum(e, axis=1)
             m = m_new
-            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+            # the target's logit, in the few tiles that hold some row's target (a CTA-uniform branch)
+            hit = (tgt >= v0) & (tgt < v0 + BLOCK_V)
+            if tl.max(hit.to(tl.int32), axis=0) > 0:
+                ut += tl.sum(tl.where(cols[None, :] == tgt[:, None], u, 0.0), axis=1)
 
         out = part_ptr + pid_s * N + rows
         stride_part = num_splits * N
         tl.store(out, m, mask=row_ok)
         tl.store(out + stride_part, s, mask=row_ok)
         tl.store(out + 2 * stride_part, a, mask=row_ok)
-        tl.store(out + 3 * stride_part, zt, mask=row_ok)
+        tl.store(out + 3 * stride_part, ut, mask=row_ok)
 
     @triton.jit(do_not_specialize=["N", "VC", "v_offset"])
     def _bwd_dlogits_kernel(
-        h_ptr, w_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, d_ptr,
+        h_desc, w_desc, d_desc, t_ptr, lse2_ptr, ent_ptr, glp_ptr, gent_ptr,
         N, VC, H, v_offset,
-        stride_hn, stride_hk, stride_wv, stride_wk, stride_dn,
-        inv_temp,
+        scale, inv_temp,
         HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         # D[n, j] = dL/d(h Wᵀ)[n, v_offset + j] for the chunk's VC columns; grouped tile order for L2.
         pid = tl.program_id(0)
@@ -168,45 +181,33 @@ if HAVE_TRITON:
 
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        jcols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the chunk
-        col_ok = jcols < VC
-        cols = v_offset + jcols
-        ks = tl.arange(0, BLOCK_K)
-        h_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
-        w_base = w_ptr + cols.to(tl.int64)[None, :] * stride_wv
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + ks
-            if EVEN_K:
-                hb = tl.load(h_base + kk[None, :] * stride_hk, mask=row_ok[:, None], other=0.0)
-                wb = tl.load(w_base + kk[:, None] * stride_wk, mask=col_ok[None, :], other=0.0)
-            else:
-                k_ok = kk < H
-                hb = tl.load(h_base + kk[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                wb = tl.load(w_base + kk[:, None] * stride_wk, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:  # interpreter only: its dot multiplies bf16 bit patterns as integers
-                hb = hb.to(tl.float32)
-                wb = wb.to(tl.float32)
-            acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
+        col0 = v_offset + pid_v * BLOCK_V
+        cols = col0 + tl.arange(0, BLOCK_V)
+        acc = _logit_tile(h_desc, w_desc, pid_n * BLOCK_N, col0, H, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)
 
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        logp = acc * inv_temp - lse[:, None]  # log π
-        p = tl.exp(logp)
-        # dz = g_lp (onehot − π) − g_H π (log π + H);  d(h Wᵀ) = dz / τ
-        inner = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        # t = log2 π = u − lse2;  dz/τ = g_lp (onehot − π)/τ − g_H π (ln π + H)/τ, with ln π = t ln 2:
+        #   π · inner,  inner = (g_lp + g_H H)/τ + (g_H ln 2/τ) · t   (one FMA per element)
+        lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=0.0)
+        t = acc * scale - lse2[:, None]
+        p = tl.exp2(t)
+        if HAS_GLP:
+            g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0) * inv_temp
         if HAS_GENT:
             ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
             g_ent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0) * inv_temp
-            inner = g_ent[:, None] * (logp + ent[:, None])
-        if HAS_GLP:
-            g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0) * inv_temp
-            tgt = tl.load(t_ptr + rows, mask=row_ok, other=0)
-            inner = inner + g_lp[:, None]
-            dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * inner
+            bias = g_ent * ent
+            if HAS_GLP:
+                bias += g_lp
+            dz = -p * (bias[:, None] + (g_ent * _LN2_T)[:, None] * t)
         else:
-            dz = -p * inner
-        d_out = d_ptr + rows.to(tl.int64)[:, None] * stride_dn + jcols[None, :]
-        tl.store(d_out, dz.to(d_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            dz = -p * g_lp[:, None]
+        if HAS_GLP:
+            tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+            hit = (tgt >= col0) & (tgt < col0 + BLOCK_V)
+            if tl.max(hit.to(tl.int32), axis=0) > 0:  # the few tiles that hold some row's target
+                dz += tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0)
+        # TMA store: rows past N and columns past the chunk's VC are not written
+        d_desc.store([pid_n * BLOCK_N, pid_v * BLOCK_V], dz.to(d_desc.dtype))
 
 
 def _interpreting() -> bool:
@@ -215,15 +216,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Tile shapes and launch settings of the two kernels on CUDA (tuned on an H100, docs/kernels.md) and in
-# the interpreter (small, so that tiny test shapes still span many tiles).
+# Tile shapes and launch settings on CUDA (tuned on an H200 with `benchmarks/kernels.py --tune`, see
+# docs/kernels.md): 16-bit inputs; fp32 inputs (twice the bytes per tile: a smaller K tile to fit shared
+# memory; their IEEE dots run on CUDA cores anyway); and in the interpreter (small, so that tiny test
+# shapes still span many tiles).
 _FWD_TILES = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)
 _BWD_TILES = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)
+_FP32_TILES = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=32, GROUP_N=8, num_warps=8, num_stages=3)
 _INTERPRETER_TILES = dict(BLOCK_N=32, BLOCK_V=32, BLOCK_K=16, GROUP_N=2, num_warps=4, num_stages=1)
 
 
-def _tiles(device: torch.device, cuda_tiles: dict) -> dict:
-    return cuda_tiles if device.type == "cuda" else _INTERPRETER_TILES
+def _tiles(hidden: Tensor, cuda_tiles: dict) -> dict:
+    if hidden.device.type != "cuda":
+        return _INTERPRETER_TILES
+    return _FP32_TILES if hidden.dtype == torch.float32 else cuda_tiles
 
 
 def _num_sms(device: torch.device) -> int:
@@ -243,7 +249,6 @@ def _launch_opts(tiles: dict, hidden: Tensor) -> dict:
         BLOCK_V=tiles["BLOCK_V"],
         BLOCK_K=tiles["BLOCK_K"],
         GROUP_N=tiles["GROUP_N"],
-        EVEN_K=hidden.shape[1] % tiles["BLOCK_K"] == 0,
         DOT_PRECISION=_dot_precision(hidden.dtype),
         # Triton's interpreter (3.9) feeds bf16 operands to numpy's matmul as their uint16 bit patterns;
         # upcasting to fp32 first is exact (a bf16 product fits in fp32), and on a GPU this is off.
@@ -253,48 +258,74 @@ def _launch_opts(tiles: dict, hidden: Tensor) -> dict:
     )
 
 
+def _tma_operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """hidden and weight as TMA can read them: contiguous rows of a multiple of 16 bytes. A hidden size
+    that is not (H · itemsize % 16 ≠ 0, e.g. an odd H in bf16: no real model) gets zero columns appended
+    (exact: they add 0 to every dot product), at the cost of a copy of both per call."""
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    per_16 = 16 // hidden.element_size()
+    h = hidden.shape[1]
+    if h % per_16 or hidden.data_ptr() % 16 or weight.data_ptr() % 16:
+        pad = -h % per_16
+        hidden = torch.nn.functional.pad(hidden, (0, pad))
+        weight = torch.nn.functional.pad(weight, (0, pad))
+    return hidden, weight
+
+
+def _descriptors(hidden: Tensor, weight: Tensor, tiles: dict):
+    hidden, weight = _tma_operands(hidden, weight)
+    bk = tiles["BLOCK_K"]
+    return (
+        TensorDescriptor.from_tensor(hidden, [tiles["BLOCK_N"], bk]),
+        TensorDescriptor.from_tensor(weight, [tiles["BLOCK_V"], bk]),
+        hidden.shape[1],
+    )
+
+
 def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, tiles: dict | None = None):
-    """-> (logprobs, entropy, lse), each [N] fp32. `tiles` overrides the launch settings (tuning)."""
+    """-> (logprobs, entropy, lse2), each [N] fp32; lse2 = logsumexp(z) · log2 e, the base-2 lse the
+    backward kernel works with. `tiles` overrides the launch settings (tuning)."""
     n, h = hidden.shape
     v = weight.shape[0]
     device = hidden.device
-    tiles = tiles or _tiles(device, _FWD_TILES)
+    tiles = tiles or _tiles(hidden, _FWD_TILES)
     bn, bv = tiles["BLOCK_N"], tiles["BLOCK_V"]
     num_n = triton.cdiv(n, bn)
-    # Enough (row block, split) programs for about 8 waves; every split is at least one tile wide.
+    # Enough (row block, split) programs for about 8 waves; every split is a whole number of tiles (so
+    # only the last split has padding columns) and at least one tile wide.
     v_tiles = triton.cdiv(v, bv)
     want = max(1, min(v_tiles, triton.cdiv(8 * _num_sms(device), num_n)))
     v_per_split = triton.cdiv(v_tiles, want) * bv
     num_splits = triton.cdiv(v, v_per_split)
     part = torch.empty(4, num_splits, n, dtype=torch.float32, device=device)
+    h_desc, w_desc, h = _descriptors(hidden, weight, tiles)
     _fwd_kernel[(num_n * num_splits,)](
-        hidden, weight, targets, part,
+        h_desc, w_desc, targets, part,
         n, v, h, v_per_split, num_splits,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        1.0 / temperature,
+        _LOG2E / temperature,
         **_launch_opts(tiles, hidden),
     )  # fmt: skip
-    m_s, s_s, a_s, zt_s = part.unbind(0)
+    m_s, s_s, a_s, ut_s = part.unbind(0)  # base 2: m, a and the target's u are z · log2 e
     # merge the splits: every split holds ≥ 1 column, so each m_s is finite and the largest has s ≥ 1
     m = m_s.amax(dim=0)
     shift = m_s - m  # ≤ 0
-    alpha = shift.exp()
+    alpha = shift.exp2()
     s = (alpha * s_s).sum(dim=0)  # ≥ 1
     a = (alpha * (a_s + s_s * shift)).sum(dim=0)  # ≤ 0
     log_s = s.log()  # ≥ 0
-    logprobs = (zt_s.sum(dim=0) - m) - log_s  # (≤ 0) − (≥ 0): ≤ 0 exactly
-    entropy = log_s - a / s  # (≥ 0) − (≤ 0): ≥ 0 exactly
-    return logprobs, entropy, m + log_s
+    logprobs = _LN2 * (ut_s.sum(dim=0) - m) - log_s  # (≤ 0) − (≥ 0): ≤ 0 exactly
+    entropy = log_s - _LN2 * a / s  # (≥ 0) − (≤ 0): ≥ 0 exactly
+    return logprobs, entropy, m + log_s * _LOG2E
 
 
 def _backward(
-    hidden, weight, targets, lse, entropy, grad_lp, grad_ent, temperature, chunk_size, need_h, need_w, tiles=None
+    hidden, weight, targets, lse2, entropy, grad_lp, grad_ent, temperature, chunk_size, need_h, need_w, tiles=None
 ):
     """-> (grad_hidden or None, grad_weight or None). `tiles` overrides the launch settings (tuning)."""
     n, h = hidden.shape
     v = weight.shape[0]
     device = hidden.device
-    tiles = tiles or _tiles(device, _BWD_TILES)
+    tiles = tiles or _tiles(hidden, _BWD_TILES)
     bn, bv = tiles["BLOCK_N"], tiles["BLOCK_V"]
     # fewest vocabulary chunks whose [N, chunk] buffer fits the budget, then equal widths rounded up to
     # whole tiles (which may exceed the budget by < BLOCK_V columns)
@@ -302,27 +333,33 @@ def _backward(
     widest = min(v, max(bv, (budget // n) // bv * bv))
     vc = min(v, triton.cdiv(triton.cdiv(v, triton.cdiv(v, widest)), bv) * bv)
     num_chunks = triton.cdiv(v, vc)
-    buf = torch.empty(n, vc, dtype=hidden.dtype, device=device)
+    # rows of the buffer padded to 16 bytes (a TMA store needs aligned row strides)
+    per_16 = 16 // hidden.element_size()
+    buf = torch.empty(n, triton.cdiv(vc, per_16) * per_16, dtype=hidden.dtype, device=device)
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_hidden = None
     acc_hidden = None
     if need_h and num_chunks > 1:
         acc_hidden = torch.zeros(n, h, dtype=torch.float32, device=device)
-    dummy = lse  # any fp32 pointer for an absent upstream gradient (never read: constexpr flag)
+    dummy = lse2  # any fp32 pointer for an absent upstream gradient (never read: constexpr flag)
+    h_desc, w_desc, h_padded = _descriptors(hidden, weight, tiles)
     for v0 in range(0, v, vc):
         width = min(vc, v - v0)
         d = buf[:, :width]
         _bwd_dlogits_kernel[(triton.cdiv(n, bn) * triton.cdiv(width, bv),)](
-            hidden, weight, targets, lse, entropy,
+            h_desc, w_desc, TensorDescriptor(buf, [n, width], [buf.stride(0), 1], [bn, bv]),
+            targets, lse2, entropy,
             dummy if grad_lp is None else grad_lp,
             dummy if grad_ent is None else grad_ent,
-            d,
-            n, width, h, v0,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), d.stride(0),
-            1.0 / temperature,
+            n, width, h_padded, v0,
+            _LOG2E / temperature, 1.0 / temperature,
             HAS_GLP=grad_lp is not None, HAS_GENT=grad_ent is not None,
             **_launch_opts(tiles, hidden),
         )  # fmt: skip
+        if d.device.type == "cpu" and not d.is_contiguous():
+            # interpreter only: torch 2.13's CPU bf16 matmul of a row-padded view with an odd number of
+            # columns reads the padding (NaN results from garbage there); a contiguous copy avoids it
+            d = d.contiguous()
         if need_w:
             torch.mm(d.t(), hidden, out=grad_weight[v0 : v0 + width])
         if need_h:
@@ -343,10 +380,10 @@ class _FusedLogprobs(torch.autograd.Function):
         n = hidden.shape[0]
         if n == 0:
             logprobs = hidden.new_zeros(0, dtype=torch.float32)
-            entropy = lse = logprobs
+            entropy = lse2 = logprobs
         else:
-            logprobs, entropy, lse = _forward(hidden, weight, targets, temperature)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+            logprobs, entropy, lse2 = _forward(hidden, weight, targets, temperature)
+        ctx.save_for_backward(hidden, weight, targets, lse2, entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.with_entropy = with_entropy
@@ -357,7 +394,7 @@ class _FusedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, lse2, entropy = ctx.saved_tensors
         grad_lp = grads[0]
         grad_ent = grads[1] if ctx.with_entropy else None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -371,7 +408,7 @@ class _FusedLogprobs(torch.autograd.Function):
             hidden,
             weight,
             targets,
-            lse,
+            lse2,
             entropy,
             None if grad_lp is None else grad_lp.float().contiguous(),
             None if grad_ent is None else grad_ent.float().contiguous(),

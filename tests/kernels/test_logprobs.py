@@ -51,8 +51,9 @@ def kernel_test(fn):
     """Runs on a GPU (selected by `-m gpu`) and in the interpreter; skipped elsewhere."""
     return pytest.mark.gpu(_skip_without_kernel(fn))
 
-# (H, V): V never a multiple of the tiles (CPU 32, GPU 128); H a multiple of the K tile and not.
-SHAPES = [(896, 32003), (1000, 5003), (64, 151936)] if ON_GPU else [(32, 67), (24, 130), (8, 300)]
+# (H, V): V never a multiple of the tiles (CPU 32, GPU 128); H a multiple of the K tile and not, and one
+# H whose rows are not a multiple of 16 bytes (the kernel pads them for its TMA loads).
+SHAPES = [(896, 32003), (1000, 5003), (1001, 2053), (64, 151936)] if ON_GPU else [(32, 67), (24, 130), (7, 300)]
 TOKENS = [1, 37, 1000]
 # (N, H, V): the full cross on a GPU; in the interpreter (≈ 10 ms per program) N = 1000 at one shape.
 CASES = [(n, h, v) for n in TOKENS for h, v in SHAPES]
