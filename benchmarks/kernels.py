@@ -106,11 +106,16 @@ def check_against_fp64(n, h):
         hh = hidden.detach().to(dtype).requires_grad_(True)
         ww = weight.detach().to(dtype).requires_grad_(True)
         lp, ent = fn(hh, ww, targets, temperature=0.7)
-        gh, gw = torch.autograd.grad((lp * g_lp.to(lp.dtype)).sum() + (ent * g_ent.to(lp.dtype)).sum(), (hh, ww))
+        gh, gw = torch.autograd.grad(
+            (lp * g_lp.to(lp.dtype)).sum() + (ent * g_ent.to(lp.dtype)).sum(), (hh, ww)
+        )
         outs.append([t.double() for t in (lp, ent, gh, gw)])
     exact = outs[0]
     return [
-        [(a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(got, exact, strict=True)]
+        [
+            (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+            for a, b in zip(got, exact, strict=True)
+        ]
         for got in outs[1:]
     ]
 
@@ -131,7 +136,9 @@ def tune(hidden_sizes, n) -> None:
         lp, ent, lse = k._forward(hidden, weight, targets, 1.0)
         flop = 2 * n * h * V
         for cfg in configs:
-            name = f"{cfg['BLOCK_N']}x{cfg['BLOCK_V']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            name = (
+                f"{cfg['BLOCK_N']}x{cfg['BLOCK_V']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            )
             try:
                 f = time_ms(lambda: k._forward(hidden, weight, targets, 1.0, cfg), warmup=1, reps=3)
                 args = (hidden, weight, targets, lse, ent, g_lp, g_ent, 1.0, 1024)
@@ -141,8 +148,9 @@ def tune(hidden_sizes, n) -> None:
                 print(f"# tune H={h} {name}: failed {type(e).__name__}: {str(e)[:80]}")
                 continue
             print(
-                f"# tune H={h} {name}: fwd {f:.1f} ms ({flop / f / 1e9:.0f} TF/s) | bwd dlogits kernel {b0:.1f} ms "
-                f"({flop / b0 / 1e9:.0f} TF/s) | bwd total {b:.1f} ms ({3 * flop / b / 1e9:.0f} TF/s)",
+                f"# tune H={h} {name}: fwd {f:.1f} ms ({flop / f / 1e9:.0f} TF/s) | "
+                f"bwd dlogits kernel {b0:.1f} ms ({flop / b0 / 1e9:.0f} TF/s) | "
+                f"bwd total {b:.1f} ms ({3 * flop / b / 1e9:.0f} TF/s)",
                 flush=True,
             )
 
@@ -168,12 +176,16 @@ def run_in_subprocess(name, h, n, args) -> None:
     import sys
 
     cmd = [sys.executable, __file__, "--impl", name, "--hidden", str(h), "--tokens", str(n),
-           "--warmup", str(args.warmup), "--reps", str(args.reps), "--peak", str(args.peak_measured)]  # fmt: skip
+           "--warmup", str(args.warmup), "--reps", str(args.reps),
+           "--peak", str(args.peak_measured)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     if proc.returncode != 0 or not rows:
-        err = [line for line in proc.stderr.splitlines() if "Error" in line]
-        print(f"| {name:<16} | {h:>5} | {n:>6} | failed: {(err or ['exit ' + str(proc.returncode)])[-1][:90]} |")
+        # the exception's own line ("torch.AcceleratorError: CUDA error: ..."), not a C++ stack frame
+        err = [ln for ln in proc.stderr.splitlines() if "Error:" in ln and not ln.startswith("frame #")]
+        print(
+            f"| {name:<16} | {h:>5} | {n:>6} | failed: {(err or ['exit ' + str(proc.returncode)])[-1][:90]} |"
+        )
         return False
     for line in rows:
         print(line, flush=True)
@@ -181,7 +193,9 @@ def run_in_subprocess(name, h, n, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="triton and chunked at N = 16384 only")
     parser.add_argument("--hidden", type=int, nargs="+", default=[896, 3584])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -202,7 +216,9 @@ def main() -> None:
     if args.impl:
         for h in args.hidden:
             for n in args.tokens:
-                measure_row(args.impl, torch.compile(chunked_logprobs_and_entropy), n, h, args, peak=float(args.peak))
+                measure_row(
+                    args.impl, torch.compile(chunked_logprobs_and_entropy), n, h, args, peak=float(args.peak)
+                )
         return
     print(
         f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
@@ -225,7 +241,10 @@ def main() -> None:
         impls["chunked+compile"] = None  # in a subprocess: an Inductor crash must not end this run
         impls["eager"] = eager_logprobs_and_entropy
     top = max(args.tokens)
-    header = f"| {'impl':<16} | {'H':>5} | {'N':>6} | fwd ms | fwd+bwd ms | TFLOP/s | % peak | extra GiB | excl. grads GiB |"
+    header = (
+        f"| {'impl':<16} | {'H':>5} | {'N':>6} | fwd ms | fwd+bwd ms | TFLOP/s | % peak | extra GiB "
+        "| excl. grads GiB |"
+    )
     if not args.impl:
         print(header)
         print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")

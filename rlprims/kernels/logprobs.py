@@ -4,19 +4,24 @@ Same signatures, values and gradients as the chunked reference `rlprims.ops.logp
 docstrings for the math); see docs/kernels.md for the design, tolerances and GPU measurements.
 
 Forward (one Triton kernel + O(N) torch epilogue): a grid of (row block, vocabulary split) programs; each
-computes its logit tiles z = (h Wᵀ)/τ with `tl.dot` (fp32 accumulation) and keeps, per row, an online
-log-sum-exp state over its slice of the vocabulary:
-    m = max z,   s = Σ exp(z − m) ≥ 1,   a = Σ exp(z − m)(z − m) ≤ 0,   z_y (the target's logit).
-On a new maximum m' the state is rescaled: s ← e^{m−m'} s, a ← e^{m−m'} (a + s (m − m')). The splits are
-merged the same way; then lse = m + log s, log π(y) = (z_y − m) − log s and H = log s − a/s. Every term
-has a known sign (z_y ≤ m, s ≥ 1, a ≤ 0), so log π(y) ≤ 0 and H ≥ 0 hold exactly in floating point,
-without a clamp. Saved for the backward: hidden, weight, targets, lse [N], H [N].
+computes its logit tiles with `tl.dot` (fp32 accumulation) and keeps, per row, an online log-sum-exp
+state over its slice of the vocabulary, in base 2 (u = z · log2 e, so exp(z − m) = exp2(u − m)):
+    m = max u,   s = Σ exp2(u − m) ≥ 1,   a = Σ exp2(u − m)(u − m) ≤ 0,   u_y (the target's logit).
+On a new maximum m' the state is rescaled: s ← 2^{m−m'} s, a ← 2^{m−m'} (a + s (m − m')). The splits are
+merged the same way; then log π(y) = ln2 · (u_y − m) − log s and H = log s − ln2 · a/s. Every term has a
+known sign (u_y ≤ m, s ≥ 1, a ≤ 0), so log π(y) ≤ 0 and H ≥ 0 hold exactly in floating point, without a
+clamp. Saved for the backward: hidden, weight, targets, lse2 = m + log2 s [N], H [N].
+
+Both kernels read hidden and weight tiles through TMA tensor descriptors (out-of-range rows, columns and
+k read as zeros: no masks), and the backward kernel stores its tiles the same way. The per-logit
+epilogue is kept short: the padding mask runs only in a split's last tile, and the target's logit is
+gathered only in tiles that hold some row's target. docs/kernels.md measures each of these.
 
 Backward, per vocabulary chunk [v0, v1) (the chunk is as wide as the memory budget allows, see below):
   1. a Triton kernel recomputes the logit tiles and writes
          dL/d(h Wᵀ) = (g_lp (onehot(y) − π) − g_H π (log π + H)) / τ
-     in the input dtype into a [N, v1 − v0] buffer (the reference casts to the input dtype at the same
-     point, before its two matmuls);
+     in the input dtype into a [N, v1 − v0] buffer (rows padded to 16 bytes for TMA; the reference
+     casts to the input dtype at the same point, before its two matmuls);
   2. grad_weight[v0:v1] = Dᵀ h — one cuBLAS matmul per chunk, each row of dW written once (no atomics,
      deterministic);
   3. grad_hidden += D W[v0:v1] — cuBLAS, summed over chunks in fp32 ([N, H]: small next to [V, H]).
@@ -183,7 +188,9 @@ if HAVE_TRITON:
         row_ok = rows < N
         col0 = v_offset + pid_v * BLOCK_V
         cols = col0 + tl.arange(0, BLOCK_V)
-        acc = _logit_tile(h_desc, w_desc, pid_n * BLOCK_N, col0, H, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST)
+        acc = _logit_tile(
+            h_desc, w_desc, pid_n * BLOCK_N, col0, H, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST
+        )
 
         # t = log2 π = u − lse2;  dz/τ = g_lp (onehot − π)/τ − g_H π (ln π + H)/τ, with ln π = t ln 2:
         #   π · inner,  inner = (g_lp + g_H H)/τ + (g_H ln 2/τ) · t   (one FMA per element)
@@ -319,7 +326,18 @@ def _forward(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float
 
 
 def _backward(
-    hidden, weight, targets, lse2, entropy, grad_lp, grad_ent, temperature, chunk_size, need_h, need_w, tiles=None
+    hidden,
+    weight,
+    targets,
+    lse2,
+    entropy,
+    grad_lp,
+    grad_ent,
+    temperature,
+    chunk_size,
+    need_h,
+    need_w,
+    tiles=None,
 ):
     """-> (grad_hidden or None, grad_weight or None). `tiles` overrides the launch settings (tuning)."""
     n, h = hidden.shape
@@ -376,7 +394,9 @@ class _FusedLogprobs(torch.autograd.Function):
     """Triton forward/backward of z = (h Wᵀ)/τ -> (log π(y), H(π)); see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden, weight, targets, temperature, chunk_size, with_entropy
+    ):
         n = hidden.shape[0]
         if n == 0:
             logprobs = hidden.new_zeros(0, dtype=torch.float32)

@@ -51,15 +51,22 @@ def kernel_test(fn):
     """Runs on a GPU (selected by `-m gpu`) and in the interpreter; skipped elsewhere."""
     return pytest.mark.gpu(_skip_without_kernel(fn))
 
+
 # (H, V): V never a multiple of the tiles (CPU 32, GPU 128); H a multiple of the K tile and not, and one
 # H whose rows are not a multiple of 16 bytes (the kernel pads them for its TMA loads).
-SHAPES = [(896, 32003), (1000, 5003), (1001, 2053), (64, 151936)] if ON_GPU else [(32, 67), (24, 130), (7, 300)]
+SHAPES = (
+    [(896, 32003), (1000, 5003), (1001, 2053), (64, 151936)] if ON_GPU else [(32, 67), (24, 130), (7, 300)]
+)
 TOKENS = [1, 37, 1000]
 # (N, H, V): the full cross on a GPU; in the interpreter (≈ 10 ms per program) N = 1000 at one shape.
 CASES = [(n, h, v) for n in TOKENS for h, v in SHAPES]
 if not ON_GPU:
     CASES = [(n, h, v) for n in TOKENS[:2] for h, v in SHAPES] + [(1000, *SHAPES[0])]
-GRAD_TOL = {torch.float32: KERNEL_GRAD_FP32, torch.bfloat16: KERNEL_GRAD_BF16, torch.float16: KERNEL_GRAD_FP16}
+GRAD_TOL = {
+    torch.float32: KERNEL_GRAD_FP32,
+    torch.bfloat16: KERNEL_GRAD_BF16,
+    torch.float16: KERNEL_GRAD_FP16,
+}
 
 
 def _inputs(n, h, v, dtype, *, seed=0, logit_std=4.0):
@@ -160,7 +167,9 @@ def test_partial_gradients_match_reference():
     def grads(fn, loss, which, h_in, w_in):
         hh = h_in.detach().requires_grad_("h" in which)
         ww = w_in.detach().requires_grad_("w" in which)
-        return torch.autograd.grad(loss(fn(hh, ww, targets, temperature=0.9)), [t for t in (hh, ww) if t.requires_grad])
+        return torch.autograd.grad(
+            loss(fn(hh, ww, targets, temperature=0.9)), [t for t in (hh, ww) if t.requires_grad]
+        )
 
     cases = [
         (triton_logprobs_from_hidden, reference.logprobs_from_hidden, lp_loss),
@@ -209,10 +218,29 @@ class _LargestTensor(TorchDispatchMode):
 def test_empty_input():
     weight = torch.randn(50, 16, device=DEVICE)
     hidden = torch.zeros(0, 16, device=DEVICE, requires_grad=True)
-    out = triton_logprobs_and_entropy(hidden, weight, torch.zeros(0, dtype=torch.long, device=DEVICE), temperature=1.0)
+    out = triton_logprobs_and_entropy(
+        hidden, weight, torch.zeros(0, dtype=torch.long, device=DEVICE), temperature=1.0
+    )
     assert out.logprobs.shape == (0,) and out.entropy.shape == (0,)
     (out.logprobs.sum() + out.entropy.sum()).backward()
     assert hidden.grad.shape == (0, 16)
+
+
+@kernel_test
+def test_strided_inputs_match_contiguous():
+    # views that TMA cannot read as they are (a column slice of hidden, a transposed weight) give exactly
+    # the values of their contiguous copies, and the same gradients up to the rounding of a cuBLAS matmul
+    # that may pick another algorithm for a strided operand
+    hidden, weight, targets, g_lp, g_ent = _inputs(37, 24, 130, torch.bfloat16, seed=5)
+    wide = torch.cat([hidden, torch.ones_like(hidden)], dim=1)
+    views = (wide[:, :24], weight.t().contiguous().t())
+    assert not views[0].is_contiguous() and not views[1].is_contiguous()
+    got = _run(triton_logprobs_and_entropy, *views, targets, g_lp, g_ent, temperature=0.8)
+    want = _run(triton_logprobs_and_entropy, hidden, weight, targets, g_lp, g_ent, temperature=0.8)
+    for a, b in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(a, b, **EXACT)
+    for a, b in zip(got[2:], want[2:], strict=True):
+        _assert_scaled_close(a, b.double(), GRAD_TOL[torch.bfloat16])
 
 
 @kernel_test
