@@ -1,13 +1,13 @@
 """Training checkpoints (torch.distributed.checkpoint) and HF exports, both written atomically.
 
-A checkpoint is a directory `root/step-XXXXXXXX` (8-digit step) holding
+A checkpoint is a directory `root/step-{step:08d}` (e.g. `root/step-00000100`) holding
   - the model and optimizer state, saved with torch.distributed.checkpoint (DCP) from
     `get_state_dict`: every rank writes its own shards (FSDP2 DTensors) or, for a plain module, the
     deduplicated tensors; a checkpoint loads into any world size and any sharding (DCP reshards);
-  - `rng-rank-XXXXX.pt`: each rank's python / numpy / torch CPU / CUDA RNG states;
+  - `rng-rank-{rank:05d}.pt`: each rank's python / numpy / torch CPU / CUDA RNG states;
   - `extra_state.json`: a JSON-able dict of the caller (data-sampler state, counters, KL controller);
   - `checkpoint.json`: step, world size, time; written last, it marks the checkpoint complete.
-Every rank writes into `root/.tmp-step-XXXXXXXX`; after a barrier rank 0 writes the marker and renames
+Every rank writes into `root/.tmp-step-{step:08d}`; after a barrier rank 0 writes the marker and renames
 the directory (atomic on POSIX file systems), so a process killed mid-save (even by SIGKILL) leaves the
 previous checkpoint intact and `latest_checkpoint` ignores the leftover, which the next save deletes.
 For more than one node, `root` must be on a file system all ranks share.
@@ -133,10 +133,12 @@ def _rng_file(path: Path, rank: int) -> Path:
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
 def checkpoint_step(path: str | os.PathLike[str]) -> int:
-    """The step of a checkpoint directory `.../step-XXXXXXXX` (what `save_checkpoint` was given)."""
+    """The step of a checkpoint directory `.../step-{step:08d}` (what `save_checkpoint` was given)."""
     match = _STEP_DIR.fullmatch(Path(path).name)
     if match is None:
-        raise ValueError(f"path={str(path)!r} is not a checkpoint directory named step-XXXXXXXX")
+        raise ValueError(
+            f"path={str(path)!r} is not a checkpoint directory named step-<8 digits> (e.g. step-00000100)"
+        )
     return int(match.group(1))
 
 
@@ -166,10 +168,10 @@ def save_checkpoint(
     extra_state: dict[str, Any],
     keep_last: int | None = None,
 ) -> Path:
-    """Saves model, optimizer, this rank's RNG states and `extra_state` as `root/step-XXXXXXXX`.
+    """Saves model, optimizer, this rank's RNG states and `extra_state` as `root/step-{step:08d}`.
 
     Collective: every rank calls it with the same arguments. Atomic: ranks write into
-    `root/.tmp-step-XXXXXXXX`; after a barrier rank 0 writes `checkpoint.json` and renames the directory;
+    `root/.tmp-step-{step:08d}`; after a barrier rank 0 writes `checkpoint.json` and renames the directory;
     a second barrier makes the checkpoint visible to every rank when the call returns. Leftovers of a
     killed save are deleted first. `keep_last=k` then deletes all but the k newest complete checkpoints.
     A checkpoint already at this step is replaced. The RNG states are read on entry, so random draws

@@ -266,20 +266,24 @@ def _launch_opts(tiles: dict, hidden: Tensor) -> dict:
 
 
 def _tma_operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """hidden and weight as TMA can read them: contiguous rows of a multiple of 16 bytes. A hidden size
-    that is not (H · itemsize % 16 ≠ 0, e.g. an odd H in bf16: no real model) gets zero columns appended
-    (exact: they add 0 to every dot product), at the cost of a copy of both per call."""
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    per_16 = 16 // hidden.element_size()
-    h = hidden.shape[1]
-    if h % per_16 or hidden.data_ptr() % 16 or weight.data_ptr() % 16:
-        pad = -h % per_16
-        hidden = torch.nn.functional.pad(hidden, (0, pad))
-        weight = torch.nn.functional.pad(weight, (0, pad))
-    return hidden, weight
+    """hidden [N, H] and weight [V, H] as TMA can read them: contiguous, 16-byte aligned, rows of a
+    multiple of 16 bytes. A hidden size that is not (H · itemsize % 16 ≠ 0, e.g. an odd H in bf16: no
+    real model) gets zero columns appended to both (exact: they add 0 to every dot product), at the cost
+    of a copy per call. -> ([N, H'], [V, H']) with H' = H rounded up to 16 bytes."""
+    pad = -hidden.shape[1] % (16 // hidden.element_size())
+    out = []
+    for t in (hidden, weight):
+        if pad:
+            t = torch.nn.functional.pad(t, (0, pad))  # a new (aligned, contiguous) tensor
+        elif t.data_ptr() % 16:  # e.g. a view starting mid-row
+            t = t.clone(memory_format=torch.contiguous_format)
+        out.append(t.contiguous())
+    return out[0], out[1]
 
 
 def _descriptors(hidden: Tensor, weight: Tensor, tiles: dict):
+    """-> (TMA descriptor of hidden [N, H'] in [BLOCK_N, BLOCK_K] boxes, of weight [V, H'] in
+    [BLOCK_V, BLOCK_K] boxes, H'): the operands of `_logit_tile`, see `_tma_operands`."""
     hidden, weight = _tma_operands(hidden, weight)
     bk = tiles["BLOCK_K"]
     return (

@@ -145,7 +145,7 @@ def test_bad_inputs(tmp_path):
         save_checkpoint(tmp_path, 1, model=model, optimizer=opt, extra_state={}, keep_last=0)
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path / "step-00000001", model=model, optimizer=opt)
-    with pytest.raises(ValueError, match="step-XXXXXXXX"):
+    with pytest.raises(ValueError, match="step-<8 digits>"):
         checkpoint_step(tmp_path / "final")
     with pytest.raises(ValueError, match="PreTrainedModel"):
         export_hf(model, tmp_path / "hf")

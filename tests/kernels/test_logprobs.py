@@ -228,15 +228,23 @@ def test_empty_input():
 
 @kernel_test
 def test_strided_inputs_match_contiguous():
-    # views that TMA cannot read as they are (a column slice of hidden, a transposed weight) give exactly
-    # the values of their contiguous copies, and the same gradients up to the rounding of a cuBLAS matmul
-    # that may pick another algorithm for a strided operand
+    # inputs that TMA cannot read as they are (a column slice of hidden, a transposed weight, a misaligned
+    # start) give exactly the values of their contiguous copies, and the same gradients up to the rounding
+    # of a cuBLAS matmul that may pick another algorithm for a strided or misaligned operand
     hidden, weight, targets, g_lp, g_ent = _inputs(37, 24, 130, torch.bfloat16, seed=5)
     wide = torch.cat([hidden, torch.ones_like(hidden)], dim=1)
     views = (wide[:, :24], weight.t().contiguous().t())
     assert not views[0].is_contiguous() and not views[1].is_contiguous()
     got = _run(triton_logprobs_and_entropy, *views, targets, g_lp, g_ent, temperature=0.8)
     want = _run(triton_logprobs_and_entropy, hidden, weight, targets, g_lp, g_ent, temperature=0.8)
+    for a, b in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(a, b, **EXACT)
+    for a, b in zip(got[2:], want[2:], strict=True):
+        _assert_scaled_close(a, b.double(), GRAD_TOL[torch.bfloat16])
+    # a contiguous hidden that starts 2 bytes past a 16-byte boundary (TMA needs aligned bases)
+    shifted = torch.cat([hidden.new_zeros(1), hidden.flatten()])[1:].view(37, 24)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    got = _run(triton_logprobs_and_entropy, shifted, weight, targets, g_lp, g_ent, temperature=0.8)
     for a, b in zip(got[:2], want[:2], strict=True):
         torch.testing.assert_close(a, b, **EXACT)
     for a, b in zip(got[2:], want[2:], strict=True):
