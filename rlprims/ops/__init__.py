@@ -75,7 +75,10 @@ from rlprims.ops.correction import (
     seq_mean_rejection_mask,
     seq_max_rejection_mask,
     rollout_correction_metrics,
+    token_is_metrics,
+    sequence_is_metrics,
 )
+from rlprims.ops.token_rewards import last_token_rewards
 from rlprims.ops.dapo import (
     nonzero_variance_group_mask,
     overlong_penalty,
@@ -173,6 +176,9 @@ __all__ = [
     "seq_mean_rejection_mask",
     "seq_max_rejection_mask",
     "rollout_correction_metrics",
+    "token_is_metrics",
+    "sequence_is_metrics",
+    "last_token_rewards",
     "nonzero_variance_group_mask",
     "overlong_penalty",
     "sequence_logprobs",

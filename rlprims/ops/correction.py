@@ -47,6 +47,8 @@ __all__ = [
     "seq_mean_rejection_mask",
     "seq_max_rejection_mask",
     "rollout_correction_metrics",
+    "token_is_metrics",
+    "sequence_is_metrics",
 ]
 
 # verl's SAFETY_BOUND: log-ratios are clamped to ±20 before exp (e^20 ≈ 4.85e8).
@@ -328,7 +330,6 @@ def rollout_correction_metrics(
     old_logprobs: Tensor,
     rollout_logprobs: Tensor,
     response_mask: Tensor,
-    is_weights: Tensor | None = None,
     corrected_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Mismatch diagnostics under verl's names (detached 0-dim tensors), over the original response mask.
@@ -343,20 +344,16 @@ def rollout_correction_metrics(
       rollout_corr/ppl_ratio          mean over rows of exp(ℓ^r_i − ℓ_i)
       rollout_corr/chi2_token         masked mean of e^(2Δ) − 1, Δ clamped to ±20
       rollout_corr/chi2_seq           mean over rows of e^(2 Σ_t Δ) − 1, the sum clamped to ±20
-    with `is_weights` (the weights actually applied, before any normalization to match verl):
-      rollout_corr/rollout_is_mean, _std, _max, _min   masked statistics of w
-      rollout_corr/rollout_is_eff_sample_size          1 / mean(w_norm²), w_norm = w / mean(w)
-                                                       = mean(w)² / mean(w²), in (0, 1]
     with `corrected_mask` (the response mask after rejection):
       rollout_corr/rollout_rs_masked_fraction          rejected valid tokens / valid tokens
       rollout_corr/rollout_rs_seq_masked_fraction      rows with a rejected token / rows
-    Every metric is 0 when no token is valid; ESS is 0 when all weights are 0.
+    Every metric is 0 when no token is valid. The importance-weight metrics are `token_is_metrics` /
+    `sequence_is_metrics` (they need the truncation C).
     Differs from verl: rows with no valid token are skipped in the means over rows (verl counts them,
     and raises on an all-empty mask); k3_kl clamps Δ to ±20 (verl does not, and overflows beyond ~88);
     the perplexities clamp their exponent at 20 so a degenerate row reports e^20 rather than inf (the
-    *_log_ppl metrics are exact); ESS is taken from the weights as given (verl re-clamps them to [0, C]
-    first, which only matters after normalization) and without verl's 1e-8 in the denominator.
-    Shapes: old_logprobs, rollout_logprobs, is_weights [B, T]; response_mask, corrected_mask [B, T] bool.
+    *_log_ppl metrics are exact).
+    Shapes: old_logprobs, rollout_logprobs [B, T]; response_mask, corrected_mask [B, T] bool.
     """
     _check_pair(old_logprobs, rollout_logprobs, response_mask)
     mask = response_mask
@@ -388,24 +385,6 @@ def rollout_correction_metrics(
         seq_log_ratio = masked_sum(d, mask, dim=-1).clamp(-_SAFETY, _SAFETY)
         m["chi2_seq"] = _row_mean(torch.exp(2.0 * seq_log_ratio), rows) - 1.0
 
-        if is_weights is not None:
-            check_tensor("is_weights", is_weights, ndim=2, floating=True)
-            if is_weights.shape != mask.shape:
-                raise ValueError(
-                    f"is_weights must have the shape of response_mask {tuple(mask.shape)}, "
-                    f"got {tuple(is_weights.shape)}"
-                )
-            _check_weights(is_weights, mask)
-            w = is_weights.detach()
-            mean_w = masked_mean(w, mask)
-            mean_w2 = masked_mean(w.square(), mask)
-            m["rollout_is_mean"] = mean_w
-            m["rollout_is_std"] = (mean_w2 - mean_w.square()).clamp(min=0.0).sqrt()
-            m["rollout_is_max"] = _row_extreme(w, mask, largest=True)
-            m["rollout_is_min"] = _row_extreme(w, mask, largest=False)
-            safe_w2 = torch.where(mean_w2 > 0, mean_w2, torch.ones_like(mean_w2))
-            m["rollout_is_eff_sample_size"] = torch.where(mean_w2 > 0, mean_w.square() / safe_w2, 0.0)
-
         if corrected_mask is not None:
             check_mask("corrected_mask", corrected_mask, mask.shape)
             if bool((corrected_mask & ~mask).any()):
@@ -419,3 +398,101 @@ def rollout_correction_metrics(
 
         valid = mask.any()
         return {f"rollout_corr/{k}": torch.where(valid, v, torch.zeros_like(v)) for k, v in m.items()}
+
+
+def _is_weight_metrics(
+    w: Tensor, mask: Tensor, rows: Tensor, *, clip_max: float, stat_max: Tensor, stat_min: Tensor,
+    frac_high: Tensor, frac_low: Tensor,
+) -> dict[str, Tensor]:
+    """verl's `compute_is_metrics` body on untruncated weights w [B, T] (0 under the mask)."""
+    c_low = 1.0 / clip_max
+    m: dict[str, Tensor] = {}
+    m["rollout_is_mean"] = masked_mean(w, mask)
+    m["rollout_is_max"] = stat_max
+    m["rollout_is_min"] = stat_min
+    m["rollout_is_ratio_fraction_high"] = frac_high
+    m["rollout_is_ratio_fraction_low"] = frac_low
+    wc = w.clamp(min=c_low, max=clip_max)  # verl: std and ESS on weights clamped to [1/C, C]
+    mean_c = masked_mean(wc, mask)
+    var_c = (masked_mean(wc.square(), mask) - mean_c.square()).clamp(min=0.0)
+    m["rollout_is_std"] = torch.where(mask.sum() > 1, var_c.sqrt(), torch.zeros_like(var_c))
+    ess_denominator = masked_mean((wc / (mean_c + 1e-8)).square(), mask)
+    m["rollout_is_eff_sample_size"] = 1.0 / ess_denominator.clamp(min=1e-30)
+    seq = masked_mean(w, mask, dim=-1)  # [B]: each row's mean weight
+    m["rollout_is_seq_mean"] = _row_mean(seq, rows)
+    n_rows = rows.sum()
+    seq_dev2 = masked_sum((seq - m["rollout_is_seq_mean"]).square(), rows)
+    m["rollout_is_seq_std"] = torch.where(n_rows > 1, (seq_dev2 / (n_rows - 1).clamp(min=1)).sqrt(), 0.0)
+    m["rollout_is_seq_max"] = _row_extreme(seq, rows, largest=True)
+    m["rollout_is_seq_min"] = _row_extreme(seq, rows, largest=False)
+    m["rollout_is_seq_max_deviation"] = _row_extreme((seq - 1.0).abs(), rows, largest=True)
+    m["rollout_is_seq_fraction_high"] = _row_mean((seq > clip_max).to(w.dtype), rows)
+    m["rollout_is_seq_fraction_low"] = _row_mean((seq < c_low).to(w.dtype), rows)
+    valid = mask.any()
+    return {f"rollout_corr/{k}": torch.where(valid, v, torch.zeros_like(v)) for k, v in m.items()}
+
+
+def token_is_metrics(
+    old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, *, clip_max: float
+) -> dict[str, Tensor]:
+    """verl's metrics of token-level importance weights (`rollout_is="token"`), as detached 0-dim tensors.
+
+    w_t = exp(clamp(Δ_t, ±20)), Δ = log π_old − log π_rollout, *before* truncation at C = clip_max (as
+    verl measures them); over the valid tokens:
+      rollout_corr/rollout_is_mean, _max, _min            masked mean / max / min of w
+      rollout_corr/rollout_is_ratio_fraction_high, _low    fraction of tokens with w > C, w < 1/C
+      rollout_corr/rollout_is_std                         std of clamp(w, 1/C, C) (0 for < 2 tokens)
+      rollout_corr/rollout_is_eff_sample_size             1 / mean((w_c / (mean w_c + 1e-8))²),
+                                                          w_c = clamp(w, 1/C, C): in (0, 1]
+      rollout_corr/rollout_is_seq_mean, _std, _max, _min  of each row's mean weight (std unbiased)
+      rollout_corr/rollout_is_seq_max_deviation           max over rows of |row mean − 1|
+      rollout_corr/rollout_is_seq_fraction_high, _low     fraction of rows with mean weight > C, < 1/C
+    Everything 0 when no token is valid.
+    Differs from verl: rows with no valid token are left out of the per-row statistics (verl counts
+    them as weight 0, and raises on an all-empty mask).
+    Shapes: old_logprobs, rollout_logprobs [B, T] float; response_mask [B, T] bool.
+    """
+    _check_pair(old_logprobs, rollout_logprobs, response_mask)
+    c = check_positive("clip_max", clip_max)
+    mask = response_mask
+    with torch.no_grad():
+        log_ratio = _safe_log_ratio(old_logprobs.detach(), rollout_logprobs.detach())
+        w = torch.where(mask, torch.exp(log_ratio), 0.0)
+        return _is_weight_metrics(
+            w, mask, mask.any(dim=-1), clip_max=c,
+            stat_max=_row_extreme(w, mask, largest=True), stat_min=_row_extreme(w, mask, largest=False),
+            frac_high=masked_mean((w > c).to(w.dtype), mask),
+            frac_low=masked_mean((w < 1.0 / c).to(w.dtype), mask),
+        )
+
+
+def sequence_is_metrics(
+    old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor, *, clip_max: float
+) -> dict[str, Tensor]:
+    """verl's metrics of sequence-level importance weights (`rollout_is="sequence"`), detached 0-dim tensors.
+
+    w_i = exp(clamp(S_i, ±20)), S_i = Σ_t m_it Δ_it, broadcast over the row's valid tokens, before
+    truncation at C = clip_max. The names of `token_is_metrics`, with verl's sequence-level definitions:
+    rollout_is_max = exp(min(max_i S_i, 20)), rollout_is_min = exp(min_i S_i) (from the unclamped sums),
+    rollout_is_ratio_fraction_high / _low = fraction of rows with S_i > log C / S_i < −log C; the mean,
+    std and ESS are over tokens (each row's weight counted once per valid token), std and ESS on
+    clamp(w, 1/C, C), as verl.
+    Differs from verl: rows with no valid token are left out (verl counts them with S = 0); the exponent
+    of rollout_is_min is clamped at 20 like that of the max (verl's is not: inf when every S_i > 88).
+    Shapes: old_logprobs, rollout_logprobs [B, T] float; response_mask [B, T] bool.
+    """
+    _check_pair(old_logprobs, rollout_logprobs, response_mask)
+    c = check_positive("clip_max", clip_max)
+    mask = response_mask
+    with torch.no_grad():
+        rows = mask.any(dim=-1)
+        s = masked_sum(old_logprobs.detach() - rollout_logprobs.detach(), mask, dim=-1)  # [B]
+        w = torch.where(mask, torch.exp(s.clamp(-_SAFETY, _SAFETY))[:, None], 0.0)
+        log_c = math.log(c)
+        return _is_weight_metrics(
+            w, mask, rows, clip_max=c,
+            stat_max=torch.exp(_row_extreme(s, rows, largest=True).clamp(max=_SAFETY)),
+            stat_min=torch.exp(_row_extreme(s, rows, largest=False).clamp(max=_SAFETY)),
+            frac_high=_row_mean((s > log_c).to(w.dtype), rows),
+            frac_low=_row_mean((s < -log_c).to(w.dtype), rows),
+        )

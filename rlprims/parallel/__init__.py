@@ -11,6 +11,10 @@ DeviceMesh; nothing here runs at import. This package never imports rlprims.roll
   reshard_for_engine
   step_loss_normalizers, all_reduce_scalars step-wide loss normalizers, scalar logging reductions.
   step_micro_batches                        micro-batch plans with the same pass count on every rank.
+  dist_masked_mean, dist_masked_var,        rlprims.ops.reduce over every rank's rows (group explicit):
+  dist_masked_whiten, dist_masked_max,      mean, variance, whitening, max, min, and verl's
+  dist_masked_min, dist_mean_max_min        <name>/{mean,max,min} for logging.
+  dp_rank_and_size, rollout_seed            a rank's data-parallel index (prompts) and sampling seeds.
 """
 
 from rlprims.parallel.buckets import DEFAULT_BUCKET_BYTES, engine_weights, weight_buckets
@@ -18,6 +22,15 @@ from rlprims.parallel.fsdp import decoder_layers, shard_model
 from rlprims.parallel.mesh import build_mesh, fsdp_mesh
 from rlprims.parallel.normalizers import all_reduce_scalars, step_loss_normalizers
 from rlprims.parallel.plan import step_micro_batches
+from rlprims.parallel.ranks import dp_rank_and_size, rollout_seed
+from rlprims.parallel.stats import (
+    dist_masked_max,
+    dist_masked_mean,
+    dist_masked_min,
+    dist_masked_var,
+    dist_masked_whiten,
+    dist_mean_max_min,
+)
 from rlprims.parallel.reshard import (
     EngineTPLayout,
     engine_tp_dim,
@@ -30,6 +43,14 @@ __all__ = [
     "all_reduce_scalars",
     "step_loss_normalizers",
     "step_micro_batches",
+    "dist_masked_mean",
+    "dist_masked_var",
+    "dist_masked_whiten",
+    "dist_masked_max",
+    "dist_masked_min",
+    "dist_mean_max_min",
+    "dp_rank_and_size",
+    "rollout_seed",
     "build_mesh",
     "fsdp_mesh",
     "shard_model",

@@ -20,7 +20,9 @@ from rlprims.ops.correction import (
     seq_max_rejection_mask,
     seq_mean_rejection_mask,
     seq_sum_rejection_mask,
+    sequence_is_metrics,
     sequence_is_weights,
+    token_is_metrics,
     token_is_weights,
     token_rejection_mask,
 )
@@ -157,16 +159,11 @@ def test_metrics_literal():
     #   ppl_ratio = (e^0.166667 + e^−0.15)/2 = 1.021034
     #   chi2_token = (e^1 + 1 + e^−2 + 1 + e^0.6)/5 − 1 = 0.335147
     #   chi2_seq = (e^−1 + e^0.6)/2 − 1 = 0.094999
-    #   token weights C = 1.5: {1.5, 1, e^−1, 1, e^0.3}: mean 1.043548, mean w² = 1.241491,
-    #     ESS = 1.043548²/1.241491 = 0.877165, std = sqrt(1.241491 − 1.043548²) = 0.390512
     #   corrected = token k2 ≤ 0.1 = [[F, T, F], [T, T, F]]: 2 of 5 tokens, 1 of 2 rows rejected
-    w = token_is_weights(OLD, ROLLOUT, MASK, clip_max=1.5)
     kept = token_rejection_mask(OLD, ROLLOUT, MASK, estimator=mismatch_k2, max_value=0.1)
-    m = rollout_correction_metrics(OLD, ROLLOUT, MASK, w, kept)
+    m = rollout_correction_metrics(OLD, ROLLOUT, MASK, kept)
     lo, lr = [-3.5 / 3, -0.2], [-1.0, -0.35]
     diff = [lr[0] - lo[0], lr[1] - lo[1]]
-    ws = [1.5, 1.0, E(-1.0), 1.0, E(0.3)]
-    mw, mw2 = sum(ws) / 5, sum(x * x for x in ws) / 5
     expected = {
         "kl": 0.04,
         "k3_kl": (E(0.5) - 1.5 + E(-1.0) + E(0.3) - 1.3) / 5,
@@ -181,11 +178,6 @@ def test_metrics_literal():
         "ppl_ratio": (E(diff[0]) + E(diff[1])) / 2,
         "chi2_token": (E(1.0) + 1 + E(-2.0) + 1 + E(0.6)) / 5 - 1,
         "chi2_seq": (E(-1.0) + E(0.6)) / 2 - 1,
-        "rollout_is_mean": mw,
-        "rollout_is_std": math.sqrt(mw2 - mw * mw),
-        "rollout_is_max": 1.5,
-        "rollout_is_min": E(-1.0),
-        "rollout_is_eff_sample_size": mw * mw / mw2,
         "rollout_rs_masked_fraction": 0.4,
         "rollout_rs_seq_masked_fraction": 0.5,
     }
@@ -194,8 +186,87 @@ def test_metrics_literal():
         assert_close(m[f"rollout_corr/{k}"], t32(v), **EXACT, msg=k)
     # Without the optional tensors only the mismatch metrics come back.
     assert set(rollout_correction_metrics(OLD, ROLLOUT, MASK)) == {
-        f"rollout_corr/{k}" for k in expected if not k.startswith(("rollout_is", "rollout_rs"))
+        f"rollout_corr/{k}" for k in expected if not k.startswith("rollout_rs")
     }
+
+
+def test_token_is_metrics_literal():
+    # Δ = {0.5, 0, −1, 0, 0.3}, C = 1.5: untruncated w = {e^.5, 1, e^−1, 1, e^.3} (verl measures before
+    # truncation); clamped to [1/C, C] = [2/3, 1.5] for std and ESS: {1.5, 1, 2/3, 1, e^.3}.
+    m = token_is_metrics(OLD, ROLLOUT, MASK, clip_max=1.5)
+    w = [E(0.5), 1.0, E(-1.0), 1.0, E(0.3)]
+    wc = [1.5, 1.0, 2.0 / 3.0, 1.0, E(0.3)]
+    mc, mc2 = sum(wc) / 5, sum(x * x for x in wc) / 5
+    rows = [(E(0.5) + 1.0 + E(-1.0)) / 3, (1.0 + E(0.3)) / 2]
+    expected = {
+        "rollout_is_mean": sum(w) / 5,
+        "rollout_is_max": E(0.5),
+        "rollout_is_min": E(-1.0),
+        "rollout_is_ratio_fraction_high": 1 / 5,  # e^.5 > 1.5
+        "rollout_is_ratio_fraction_low": 1 / 5,  # e^−1 < 2/3
+        "rollout_is_std": math.sqrt(mc2 - mc * mc),
+        "rollout_is_eff_sample_size": 1.0 / (sum((x / (mc + 1e-8)) ** 2 for x in wc) / 5),
+        "rollout_is_seq_mean": sum(rows) / 2,
+        "rollout_is_seq_std": abs(rows[0] - rows[1]) / math.sqrt(2),
+        "rollout_is_seq_max": max(rows),
+        "rollout_is_seq_min": min(rows),
+        "rollout_is_seq_max_deviation": max(abs(r - 1) for r in rows),
+        "rollout_is_seq_fraction_high": 0.0,
+        "rollout_is_seq_fraction_low": 0.0,
+    }
+    assert set(m) == {f"rollout_corr/{k}" for k in expected}
+    for k, v in expected.items():
+        assert_close(m[f"rollout_corr/{k}"], t32(v), **EXACT, msg=k)
+
+
+def _verl_is_metrics(old, rollout, mask, c, sequence):
+    """verl's compute_rollout_correction_weights + compute_is_metrics (rollout_corr_helper.py), restated
+    in torch on a mask without empty rows; the reference for both of ours."""
+    maskf = mask.double()
+    log_ratio = (old - rollout).double()
+
+    def mmean(x, axis=None):
+        return (x * maskf).sum() / maskf.sum() if axis is None else (x * maskf).sum(axis) / maskf.sum(axis)
+
+    if sequence:
+        stat = (log_ratio * maskf).sum(-1, keepdim=True)
+        w = torch.exp(stat.clamp(-20, 20)).expand_as(log_ratio) * maskf
+        m = {"rollout_is_max": torch.exp(stat.max().clamp(max=20)), "rollout_is_min": torch.exp(stat.min()),
+             "rollout_is_mean": mmean(w),
+             "rollout_is_ratio_fraction_high": (stat > math.log(c)).double().mean(),
+             "rollout_is_ratio_fraction_low": (stat < math.log(1 / c)).double().mean()}
+    else:
+        w = torch.exp(log_ratio.clamp(-20, 20)) * maskf
+        m = {"rollout_is_mean": mmean(w), "rollout_is_ratio_fraction_high": mmean((w > c).double()),
+             "rollout_is_ratio_fraction_low": mmean((w < 1 / c).double()),
+             "rollout_is_max": w.masked_fill(~mask, -INF).max(),
+             "rollout_is_min": w.masked_fill(~mask, INF).min()}
+    wc = w.clamp(min=1 / c, max=c)
+    m["rollout_is_std"] = torch.sqrt((mmean(wc.square()) - mmean(wc).square()).clamp(min=0))
+    m["rollout_is_eff_sample_size"] = 1.0 / mmean((wc / (mmean(wc) + 1e-8)).square())
+    seq = mmean(w, -1)
+    m.update({"rollout_is_seq_mean": seq.mean(), "rollout_is_seq_std": seq.std(),
+              "rollout_is_seq_max": seq.max(),
+              "rollout_is_seq_min": seq.min(), "rollout_is_seq_max_deviation": (seq - 1).abs().max(),
+              "rollout_is_seq_fraction_high": (seq > c).double().mean(),
+              "rollout_is_seq_fraction_low": (seq < 1 / c).double().mean()})
+    return m
+
+
+@pytest.mark.parametrize("sequence", [False, True], ids=["token", "sequence"])
+def test_is_metrics_equal_verl(sequence):
+    g = torch.Generator().manual_seed(5)
+    old = -torch.rand(6, 9, generator=g, dtype=torch.float64) * 3
+    rollout = old + torch.randn(6, 9, generator=g, dtype=torch.float64) * (0.4 if sequence else 0.8)
+    lengths = torch.tensor([9, 1, 4, 7, 2, 5])
+    mask = torch.arange(9)[None, :] < lengths[:, None]
+    fn = sequence_is_metrics if sequence else token_is_metrics
+    got = fn(old, rollout, mask, clip_max=2.0)
+    ref = _verl_is_metrics(old, rollout, mask, 2.0, sequence)
+    assert set(got) == {f"rollout_corr/{k}" for k in ref}
+    for k, v in ref.items():
+        assert_close(got[f"rollout_corr/{k}"], v, **REORDER, msg=k)
+    assert 0 < float(got["rollout_corr/rollout_is_ratio_fraction_high"]) < 1  # both tails are exercised
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,7 +280,7 @@ def test_equal_logprobs_give_unit_weights_and_no_mismatch():
     for fn in (token_is_weights, sequence_is_weights):
         w = fn(lp, lp, mask, clip_max=2.0)
         assert torch.equal(w, mask.float())
-    m = rollout_correction_metrics(lp, lp, mask, token_is_weights(lp, lp, mask, clip_max=2.0))
+    m = rollout_correction_metrics(lp, lp, mask) | token_is_metrics(lp, lp, mask, clip_max=2.0)
     for k in ("kl", "k3_kl", "chi2_token", "chi2_seq", "log_ppl_diff", "log_ppl_abs_diff", "rollout_is_std"):
         assert float(m[f"rollout_corr/{k}"]) == 0.0, k
     for k in (
@@ -261,15 +332,14 @@ def test_normalized_weights_have_mean_one():
     assert_close(ws[rows].amax(-1).mean(), torch.tensor(1.0), **REORDER)
 
 
-def test_ess_is_one_over_mean_normalized_square():
-    # verl's definition 1/mean((w/mean w)²) equals our mean(w)²/mean(w²).
+def test_ess_is_mean_squared_over_mean_square_of_the_clamped_weights():
+    # verl's 1/mean((w_c/mean w_c)²) equals mean(w_c)²/mean(w_c²), w_c = clamp(w, 1/C, C).
     g = torch.Generator().manual_seed(4)
     old, rollout = -torch.rand(3, 7, generator=g) * 2, -torch.rand(3, 7, generator=g) * 2
     mask = torch.rand(3, 7, generator=g) < 0.8
-    w = token_is_weights(old, rollout, mask, clip_max=2.0)
-    wn = w[mask] / w[mask].mean()
-    m = rollout_correction_metrics(old, rollout, mask, w)
-    assert_close(m["rollout_corr/rollout_is_eff_sample_size"], 1.0 / wn.square().mean(), **REORDER)
+    wc = torch.exp(old - rollout)[mask].clamp(0.5, 2.0)
+    m = token_is_metrics(old, rollout, mask, clip_max=2.0)
+    assert_close(m["rollout_corr/rollout_is_eff_sample_size"], wc.mean() ** 2 / wc.square().mean(), **REORDER)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,7 +378,9 @@ def _all_outputs(old, rollout, mask):
                 old, rollout, mask, estimator=est, min_value=-0.3, max_value=0.3
             )
     kept = token_rejection_mask(old, rollout, mask, estimator=mismatch_k3, max_value=0.5)
-    out.update(rollout_correction_metrics(old, rollout, mask, wt, kept))
+    out.update(rollout_correction_metrics(old, rollout, mask, kept))
+    out.update({f"token/{k}": v for k, v in token_is_metrics(old, rollout, mask, clip_max=2.0).items()})
+    out.update({f"seq/{k}": v for k, v in sequence_is_metrics(old, rollout, mask, clip_max=2.0).items()})
     return out
 
 
@@ -356,9 +428,9 @@ def test_weights_are_truncated_ratios_and_rejection_only_removes(data):
 @given(st.data())
 def test_ess_in_unit_interval(data):
     old, rollout, mask = _batch(data)
-    w = sequence_is_weights(old, rollout, mask, clip_max=3.0)
-    ess = float(rollout_correction_metrics(old, rollout, mask, w)["rollout_corr/rollout_is_eff_sample_size"])
-    assert 0.0 <= ess <= 1.0 + 1e-6
+    for fn in (token_is_metrics, sequence_is_metrics):
+        ess = float(fn(old, rollout, mask, clip_max=3.0)["rollout_corr/rollout_is_eff_sample_size"])
+        assert 0.0 <= ess <= 1.0 + 1e-6
 
 
 def test_all_masked_and_empty_rows():
@@ -373,7 +445,8 @@ def test_all_masked_and_empty_rows():
     # One empty row among valid ones: it is ignored by the per-row statistics.
     mask = bmask([[T_, T_], [F_, F_]])
     old2, rollout2 = t32([[-1.0, -1.0], [NAN, NAN]]), t32([[-1.0, -1.0], [INF, 0.0]])
-    m = rollout_correction_metrics(old2, rollout2, mask, token_is_weights(old2, rollout2, mask, clip_max=2.0))
+    m = rollout_correction_metrics(old2, rollout2, mask)
+    m |= token_is_metrics(old2, rollout2, mask, clip_max=2.0)
     assert float(m["rollout_corr/training_ppl"]) == pytest.approx(math.e, rel=1e-6)
     assert float(m["rollout_corr/chi2_seq"]) == 0.0
     assert float(m["rollout_corr/rollout_is_eff_sample_size"]) == 1.0
@@ -412,8 +485,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="response_mask"):
         normalize_sequence_is_weights(torch.zeros(2, 3), m[:1])
     with pytest.raises(ValueError, match="corrected_mask"):
-        rollout_correction_metrics(o, r, bmask([[T_, F_, T_], [T_, T_, T_]]), None, m)
-    with pytest.raises(ValueError, match="is_weights"):
-        rollout_correction_metrics(o, r, m, torch.zeros(2, 2))
+        rollout_correction_metrics(o, r, bmask([[T_, F_, T_], [T_, T_, T_]]), m)
+    for fn in (token_is_metrics, sequence_is_metrics):
+        with pytest.raises(ValueError, match="clip_max"):
+            fn(o, r, m, clip_max=0.0)
     with pytest.raises(ValueError, match="rollout_logprobs"):
         mismatch_k3(o, torch.zeros(3, 2))
