@@ -4,7 +4,9 @@
   takes the GPU LOCAL_RANK (NCCL) or the CPU (gloo), initialises the default process group with a
   timeout and seeds python / numpy / torch identically on every rank; `shutdown(dist)` ends it.
 - `parse_args(Args)`: a recipe's `Args` dataclass as flags (HfArgumentParser), help from the field
-  docstrings.
+  docstrings, `--config run.yaml` (flags override it), values checked before anything loads.
+- `quiet_console()`: hides library start-up chatter (called by `init`; `--verbose` / RLPRIMS_VERBOSE=1
+  keeps it).
 - `python -m rlprims.launch.slurm --nodes N --gpus-per-node G recipes/grpo.py -- ...` (module
   `rlprims.launch.slurm`, needs submitit): one task per GPU on Slurm, requeue on preemption / time-out,
   `--local` for this machine. Not imported here, so `import rlprims.launch` needs no submitit.
@@ -13,6 +15,7 @@ See docs/launch.md.
 """
 
 from rlprims.launch.args import field_docstrings, parse_args
+from rlprims.launch.console import quiet_console
 from rlprims.launch.spmd import Dist, init, seed_all, shutdown
 
-__all__ = ["Dist", "init", "shutdown", "seed_all", "parse_args", "field_docstrings"]
+__all__ = ["Dist", "init", "shutdown", "seed_all", "parse_args", "field_docstrings", "quiet_console"]

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlprims.launch.console import quiet_console
+
 __all__ = ["Dist", "init", "shutdown", "seed_all"]
 
 # Set by torchrun and by rlprims.launch.slurm; RANK / WORLD_SIZE are required together.
@@ -91,6 +93,9 @@ def init(*, seed: int, timeout_s: float = 600.0, device: str | None = None) -> D
     collective: a rank that dies while the others wait makes them fail after at most that long (torchrun
     and `--kill-on-bad-exit` in rlprims.launch.slurm stop them sooner).
 
+    Console: calls `rlprims.launch.console.quiet_console()` first, so library start-up chatter (vLLM's
+    config dump and logs, loading bars, deprecation warnings) is hidden unless RLPRIMS_VERBOSE=1.
+
     Seeds python, numpy and torch with `seed` on every rank, so models built next are identical on all
     ranks. vLLM reseeds these RNGs when it creates an engine: call `seed_all` again after `create_engine`
     if the trainer's initialisation must not depend on it.
@@ -103,6 +108,7 @@ def init(*, seed: int, timeout_s: float = 600.0, device: str | None = None) -> D
     """
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    quiet_console()  # before vLLM is imported; RLPRIMS_VERBOSE=1 (a recipe's --verbose) keeps it all
     if device not in (None, "cpu", "cuda"):
         raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")
     if dist.is_initialized():

