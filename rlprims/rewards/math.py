@@ -5,7 +5,9 @@ thread, so they are switched off and replaced:
 - main thread: SIGALRM from a repeating interval timer (setitimer) raises math-verify's
   TimeoutException at the deadline and every 50 ms after, until scoring unwinds (math-verify catches
   it inside each comparison and moves on to the next, so one shot could be swallowed). CPython checks
-  signals inside long big-integer arithmetic too, so "9^{9^{9^9}}" is cut off.
+  signals inside long big-integer arithmetic too, so "9^{9^{9^9}}" is cut off. math-verify may
+  also turn the interruption into an empty parse (then "ground truth does not parse"): any error
+  after the deadline counts as the timeout.
 - any other thread: scoring runs in a fresh Python process (`python -m rlprims.rewards.math`, no
   fork of a threaded parent, no re-import of __main__) that is killed at the deadline. No in-process
   mechanism can interrupt a thread stuck in one C call, which holds the GIL; a process can always be
@@ -59,7 +61,7 @@ def _with_alarm(solution_str: str, gold_text: str, timeout_s: float) -> float | 
             value = _equal(solution_str, gold_text)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-    except TimeoutException:
+    except Exception:  # math-verify may turn our TimeoutException into another error (an empty parse)
         if not fired[0]:
             raise
         value = None

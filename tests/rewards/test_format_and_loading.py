@@ -42,8 +42,10 @@ def test_load_from_module_and_file(tmp_path):
         "helper = 3\n"
     )
     mine = load_reward_fn(f"{tmp_path / 'my_reward.py'}:compute_score")
-    assert mine("d", " 5 ", "5", {}) == {"score": 1.0, "src": "d"}  # keyword-only function, called positionally
-    assert mine.__name__ == "compute_score"
+    # a keyword-only function, called positionally
+    assert mine("d", " 5 ", "5", {}) == {"score": 1.0, "src": "d"}
+    assert mine.load().__name__ == "compute_score"
+    assert mine.spec == f"{tmp_path / 'my_reward.py'}:compute_score"
 
 
 def test_load_errors(tmp_path):

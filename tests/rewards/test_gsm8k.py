@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from rlprims.rewards import compute_score, extract_gsm8k_answer, gsm8k_score
 
@@ -38,18 +37,3 @@ def test_compute_score_dispatch():
     assert compute_score("rlprims/arithmetic", "It is -3.", "-3") == 1.0
     with pytest.raises(ValueError, match="no reward function for data_source='mystery'"):
         compute_score("mystery", "1", "1")
-
-
-def test_score_responses_pairs_texts_with_rows():
-    from rlprims.rewards import score_responses
-
-    rows = [{"data_source": "gsm8k", "reward_model": {"ground_truth": "4"}}] * 2
-    scores = score_responses(["#### 4", "#### 5"], rows)
-    assert scores.tolist() == [1.0, 0.0] and scores.dtype == torch.float32
-    seen = []
-    custom = score_responses(["a"], rows[:1], reward_fn=lambda *a: seen.append(a) or 0.5)
-    assert custom.tolist() == [0.5] and seen == [("gsm8k", "a", "4", None)]
-    with pytest.raises(ValueError, match="2 responses but 1 rows"):
-        score_responses(["a", "b"], rows[:1])
-    with pytest.raises(ValueError, match="response 0 .*finite number"):
-        score_responses(["a"], rows[:1], reward_fn=lambda *a: float("nan"))

@@ -55,5 +55,5 @@ def test_compute_score_dispatches_math_sources():
     for source in ("lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500"):
         assert compute_score(source, r"\boxed{\frac{3}{4}}", "0.75") == 1.0
         assert compute_score(source, r"\boxed{1}", "0.75") == 0.0
-    with pytest.raises(ValueError, match=r"no reward function for data_source='mystery'.*'HuggingFaceH4/MATH-500'"):
+    with pytest.raises(ValueError, match=r"no reward function for data_source='mystery'.*'HuggingFaceH4/"):
         compute_score("mystery", "1", "1")
