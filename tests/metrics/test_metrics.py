@@ -65,6 +65,21 @@ def test_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
+def test_rerun_without_checkpoint_starts_afresh(tmp_path):
+    """A run killed before its first checkpoint is rerun from step 0 (resume_step=0, as the recipes pass
+    the step they start at): its step-0 lines are logged again, so the old ones must go."""
+    def run(steps):
+        log = open_run_log(tmp_path, rank=0, config={}, resume_step=0)
+        log_metrics(log, 0, {"val-core/x/acc/mean@1": 0.1})
+        for step in range(1, steps + 1):
+            log_metrics(log, step, {"critic/score/mean": step / 10})
+
+    run(steps=2)  # killed after step 2, before saving
+    run(steps=3)  # the rerun, uninterrupted
+    uninterrupted = tmp_path / "metrics.jsonl"
+    assert [r["step"] for r in _lines(uninterrupted)] == [0, 1, 2, 3]
+
+
 def test_other_ranks_write_and_print_nothing(tmp_path, capsys):
     log = open_run_log(tmp_path / "r1", rank=1, config={"a": 1})
     log_metrics(log, 1, {"critic/score/mean": 1.0})
@@ -111,17 +126,3 @@ def test_missing_backends_raise_naming_the_package(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install tensorboard"):
         open_run_log(tmp_path / "t", rank=1, config={}, tensorboard=True)  # every rank checks
     assert not (tmp_path / "w").exists() and not (tmp_path / "t").exists()
-
-
-def test_tensorboard_events(tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    log = open_run_log(tmp_path, rank=0, config={}, tensorboard=True)
-    for step in (1, 2):
-        log_metrics(log, step, {"critic/score/mean": step / 4, "actor/entropy": float("nan")})
-    close_run_log(log)
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    assert acc.Tags()["scalars"] == ["critic/score/mean"]  # non-finite values are left out
-    assert [(e.step, e.value) for e in acc.Scalars("critic/score/mean")] == [(1, 0.25), (2, 0.5)]
