@@ -28,6 +28,7 @@ __all__ = [
     "RolloutSequences",
     "rollout_sequences",
     "decode_responses",
+    "decode_prompts",
 ]
 
 # finish_reasons codes. STOP: the last response token is EOS or one of `stop_token_ids` (that token is
@@ -225,7 +226,20 @@ def rollout_sequences(batch: RolloutBatch) -> RolloutSequences:
 def decode_responses(tokenizer, batch: RolloutBatch, *, skip_special_tokens: bool = True) -> list[str]:
     """The text of each row's response tokens (padding excluded), for reward functions.
 
+    An empty batch (B = 0: a rank without prompts) gives [] (tokenizers decode an empty list as one
+    empty text, so it is not passed to them).
     Shapes: RolloutBatch with B rows -> B strings.
     """
     ids = [row[:n] for row, n in zip(batch.response_ids.tolist(), batch.response_lengths.tolist())]
-    return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+    return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens) if ids else []
+
+
+def decode_prompts(tokenizer, batch: RolloutBatch, *, skip_special_tokens: bool = False) -> list[str]:
+    """The text of each row's prompt tokens (padding excluded; chat-template tokens kept by default), e.g.
+    for `rlprims.metrics.log_generations`. Row r is prompt r // n, so a prompt repeats n times.
+
+    An empty batch gives []. Shapes: RolloutBatch with B rows -> B strings.
+    """
+    p = batch.prompt_ids.shape[1]
+    ids = [row[p - n :] for row, n in zip(batch.prompt_ids.tolist(), batch.prompt_lengths.tolist())]
+    return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens) if ids else []

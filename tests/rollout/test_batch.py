@@ -12,6 +12,7 @@ from rlprims.rollout.batch import (
     check_prompts,
     check_sampling,
     check_token_ids,
+    decode_prompts,
     decode_responses,
     empty_rollout,
     pack_rollout,
@@ -148,3 +149,26 @@ def test_decode_responses_drops_padding():
 
     assert decode_responses(Tok(), _small_batch()) == ["5", "6 3"]
     assert decode_responses(Tok(), _small_batch(), skip_special_tokens=False) == ["5!", "6 3!"]
+
+
+def test_decode_prompts_drops_padding():
+    class Tok:
+        def batch_decode(self, ids, skip_special_tokens):
+            return [" ".join(map(str, row)) + ("!" if skip_special_tokens else "") for row in ids]
+
+    assert decode_prompts(Tok(), _small_batch()) == ["7 8", "9"]
+    assert decode_prompts(Tok(), _small_batch(), skip_special_tokens=True) == ["7 8!", "9!"]
+
+
+def test_decode_of_an_empty_batch_is_empty(tiny_model_dir):
+    """A rank with no prompts (e.g. fewer validation prompts than ranks) decodes nothing, with a real
+    tokenizer (whose batch_decode([]) gives [''], one text for no row)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert decode_responses(tokenizer, empty_rollout()) == []
+    assert decode_prompts(tokenizer, empty_rollout()) == []
+    assert rollout_sequences(empty_rollout()).input_ids.shape == (0, 0)
+    one = pack_rollout([[1, 7]], [[9, 2]], [[-0.5, -0.5]], [FINISH_STOP], n=1, pad_token_id=0)
+    assert decode_responses(tokenizer, one) == ["<9>"]  # EOS <2> is special
+    assert decode_prompts(tokenizer, one) == ["<1> <7>"]
