@@ -1,7 +1,9 @@
 """Validation on held-out prompts: verl's `val-core/<data_source>/acc/...` metrics over every rank's prompts.
 
 `validate` splits the prompts across the data-parallel ranks, samples `n` responses per prompt (greedy
-for temperature 0), scores them with the recipe's scoring function and returns `validation_metrics`.
+for temperature 0), scores them with the recipe's scoring function (a `score_responses` result, whose
+"pred" extra, when the reward function returns one, is the vote of maj@n) and returns
+`validation_metrics`.
 `validation_metrics` is the arithmetic, taken from verl's `process_validation_metrics`
 (`verl/trainer/ppo/metric_utils.py`); for prompt i with scores s_i1..s_in:
 
@@ -26,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rlprims.parallel.ranks import rollout_seed
+from rlprims.rewards import RewardResult
 from rlprims.parallel.stats import Group, process_group
 from rlprims.rollout import RolloutBatch, generate
 
@@ -111,23 +115,23 @@ def validation_metrics(
 
 
 class ValidationResult(NamedTuple):
-    """What `validate` returns: the metrics (all ranks), and this rank's batch and scores."""
+    """What `validate` returns: the metrics (all ranks), and this rank's batch and its scoring."""
 
     metrics: dict[str, float]
     batch: RolloutBatch
-    scores: Tensor
+    rewards: RewardResult | None  # None on a rank without prompts
 
 
 def validate(
     engine: Any,
     prompts: Sequence[tuple[Sequence[int], dict[str, Any]]],
-    score: Callable[[RolloutBatch, list[dict[str, Any]]], Tensor],
+    score: Callable[[RolloutBatch, list[dict[str, Any]]], RewardResult],
     *,
     n: int,
     temperature: float,
     max_tokens: int,
     pad_token_id: int,
-    seed: int | None,
+    seed: int,
     group: Group,
 ) -> ValidationResult:
     """Samples `n` responses for this rank's share of `prompts`, scores them, returns `validation_metrics`.
@@ -135,15 +139,23 @@ def validate(
     prompts: (token ids, verl row) pairs, the same list on every rank; rank d of `group` (the data-parallel
     group: `mesh["dp"]`) takes prompts d, d + D, d + 2D, ... (D = group size; the tp ranks of one engine
     share an index, hence their prompts). temperature 0 is greedy and needs n = 1. score(batch, rows) ->
-    [B] scores, rows = the verl row of each response. Every rank of `group` must call (a rank with no
-    prompt still joins the gather).
+    `rlprims.rewards.RewardResult` (e.g. `score_responses`), rows = the verl row of each response.
+    seed: sampling seeds follow `rollout_seed(seed=seed, step=0, dp_rank=d, ...)`, disjoint across ranks
+    (pass e.g. the run's seed + the step). Every rank of `group` must call (a rank with no prompt still
+    joins the gather).
     """
     pg = process_group(group)
     d, size = (0, 1) if pg is None else (dist.get_rank(pg), dist.get_world_size(pg))
     mine = list(prompts[d::size])
+    seed = rollout_seed(seed=seed, step=0, dp_rank=d, dp_size=size, rows=max(1, -(-len(prompts) // size) * n))
     batch = generate(engine, [ids for ids, _ in mine], n=n, temperature=temperature, max_tokens=max_tokens,
                      pad_token_id=pad_token_id, seed=seed)
     rows = [row for _, row in mine for _ in range(n)]
-    scores = score(batch, rows) if rows else torch.zeros(0)
-    metrics = validation_metrics(scores.cpu(), [row["data_source"] for _, row in mine], n=n, group=group)
-    return ValidationResult(metrics, batch, scores)
+    result = score(batch, rows) if rows else None
+    scores = result.scores.cpu() if result is not None else torch.zeros(0)
+    preds = result.extra.get("pred") if result is not None else None
+    if preds is not None and any(p is None for p in preds):
+        preds = None  # a failed call has no prediction: no vote on this rank
+    sources = [row["data_source"] for _, row in mine]
+    metrics = validation_metrics(scores, sources, n=n, group=group, preds=preds)
+    return ValidationResult(metrics, batch, result)

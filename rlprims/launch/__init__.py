@@ -5,6 +5,7 @@
   timeout and seeds python / numpy / torch identically on every rank; `shutdown(dist)` ends it.
 - `parse_args(Args)`: a recipe's `Args` dataclass as flags (HfArgumentParser), help from the field
   docstrings, `--config run.yaml` (flags override it), values checked before anything loads.
+  `RunArgs`: the flags every RL recipe shares (a recipe's `Args` extends it).
 - `quiet_console()`: hides library start-up chatter (called by `init`; `--verbose` / RLPRIMS_VERBOSE=1
   keeps it).
 - `python -m rlprims.launch.slurm --nodes N --gpus-per-node G recipes/grpo.py -- ...` (module
@@ -15,7 +16,9 @@ See docs/launch.md.
 """
 
 from rlprims.launch.args import field_docstrings, parse_args
+from rlprims.launch.run_args import RunArgs
 from rlprims.launch.console import quiet_console
 from rlprims.launch.spmd import Dist, init, seed_all, shutdown
 
-__all__ = ["Dist", "init", "shutdown", "seed_all", "parse_args", "field_docstrings", "quiet_console"]
+__all__ = ["Dist", "init", "shutdown", "seed_all", "parse_args", "field_docstrings", "quiet_console",
+           "RunArgs"]

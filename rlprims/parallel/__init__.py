@@ -13,10 +13,21 @@ DeviceMesh; nothing here runs at import. This package never imports rlprims.roll
   step_micro_batches                        micro-batch plans with the same pass count on every rank.
   dist_masked_mean, dist_masked_var,        rlprims.ops.reduce over every rank's rows (group explicit):
   dist_masked_whiten, dist_masked_max,      mean, variance, whitening, max, min, and verl's
-  dist_masked_min, dist_mean_max_min        <name>/{mean,max,min} for logging.
+  dist_masked_min, dist_mean_max_min,       <name>/{mean,max,min} for logging; every rank's rows in one
+  dist_cat_rows, dist_batch_metrics         tensor (statistics that are not sums); verl's data metrics.
   dp_rank_and_size, rollout_seed            a rank's data-parallel index (prompts) and sampling seeds.
+  dist_gae_advantages, dist_gpg_advantages, estimators with a batch-wide statistic (whitening, GPG's α)
+  dist_reinforce_pp_advantages,             over every rank's rows.
+  dist_reinforce_pp_baseline_advantages
+  optimizer_step                            micro-batch backward passes, global-norm clip, step, zero.
 """
 
+from rlprims.parallel.advantages import (
+    dist_gae_advantages,
+    dist_gpg_advantages,
+    dist_reinforce_pp_advantages,
+    dist_reinforce_pp_baseline_advantages,
+)
 from rlprims.parallel.buckets import DEFAULT_BUCKET_BYTES, engine_weights, weight_buckets
 from rlprims.parallel.fsdp import decoder_layers, shard_model
 from rlprims.parallel.mesh import build_mesh, fsdp_mesh
@@ -24,6 +35,8 @@ from rlprims.parallel.normalizers import all_reduce_scalars, step_loss_normalize
 from rlprims.parallel.plan import step_micro_batches
 from rlprims.parallel.ranks import dp_rank_and_size, rollout_seed
 from rlprims.parallel.stats import (
+    dist_batch_metrics,
+    dist_cat_rows,
     dist_masked_max,
     dist_masked_mean,
     dist_masked_min,
@@ -31,6 +44,7 @@ from rlprims.parallel.stats import (
     dist_masked_whiten,
     dist_mean_max_min,
 )
+from rlprims.parallel.step import optimizer_step
 from rlprims.parallel.reshard import (
     EngineTPLayout,
     engine_tp_dim,
@@ -49,8 +63,15 @@ __all__ = [
     "dist_masked_max",
     "dist_masked_min",
     "dist_mean_max_min",
+    "dist_cat_rows",
+    "dist_batch_metrics",
     "dp_rank_and_size",
+    "dist_gae_advantages",
+    "dist_gpg_advantages",
+    "dist_reinforce_pp_advantages",
+    "dist_reinforce_pp_baseline_advantages",
     "rollout_seed",
+    "optimizer_step",
     "build_mesh",
     "fsdp_mesh",
     "shard_model",

@@ -32,6 +32,8 @@ __all__ = [
     "dist_masked_max",
     "dist_masked_min",
     "dist_mean_max_min",
+    "dist_cat_rows",
+    "dist_batch_metrics",
 ]
 
 Group = dist.ProcessGroup | DeviceMesh | None
@@ -185,4 +187,61 @@ def dist_mean_max_min(named: Mapping[str, tuple[Tensor, Tensor]], *, group: Grou
         out[f"{name}/mean"] = s[i][0] / max(s[i][1], 1.0)
         out[f"{name}/max"] = hi.item()
         out[f"{name}/min"] = lo.item()
+    return out
+
+
+def dist_cat_rows(t: Tensor, *, group: Group) -> Tensor:
+    """Every rank's rows of `t`, concatenated in rank order, trailing dims padded to the widest rank's.
+
+    For statistics that are not sums (rollout-correction metrics, quantiles) computed on the whole batch
+    exactly as one process would: pass the masks through it too (padding is 0 / False, outside every
+    mask). Two all-gathers (shapes, then data); bool tensors travel as uint8.
+    Shapes: [B_r, *dims] on rank r -> [Σ_r B_r, *max_r dims] (the same on every rank).
+    """
+    pg = process_group(group)
+    if pg is None:
+        return t
+    world = dist.get_world_size(pg)
+    shape = torch.tensor(t.shape, dtype=torch.long, device=t.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=pg)
+    sizes = torch.stack(shapes).amax(dim=0).tolist()
+    data = t.to(torch.uint8) if t.dtype == torch.bool else t
+    padded = data.new_zeros(sizes)
+    padded[tuple(slice(0, n) for n in t.shape)] = data
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=pg)
+    out = torch.cat([p[: int(s[0])] for p, s in zip(parts, shapes)])
+    return out.bool() if t.dtype == torch.bool else out
+
+
+def dist_batch_metrics(
+    scores: Tensor,
+    rewards: Tensor,
+    advantages: Tensor,
+    advantage_mask: Tensor,
+    response_lengths: Tensor,
+    *,
+    max_response_len: int,
+    group: Group,
+) -> dict[str, float]:
+    """verl's data metrics of a rollout batch over every rank's rows (its `compute_data_metrics`):
+
+      critic/score/{mean,max,min}        the reward function's scores            (per response)
+      critic/rewards/{mean,max,min}      the rewards the advantages came from    (per response)
+      critic/advantages/{mean,max,min}   over the tokens of `advantage_mask`
+      response_length/{mean,max,min}     tokens per response
+      response_length/clip_ratio         fraction of responses with max_response_len tokens (cut)
+    Max and min are over all ranks' values (not means of per-rank extremes). Two all-reduces.
+    Shapes: scores, rewards, response_lengths [B]; advantages [B, T] float, advantage_mask [B, T] bool.
+    """
+    lengths = response_lengths.double()
+    rows = torch.ones_like(lengths, dtype=torch.bool)
+    cut = (lengths >= max_response_len).double()
+    named = {"critic/score": (scores, rows), "critic/rewards": (rewards, rows),
+             "critic/advantages": (advantages, advantage_mask), "response_length": (lengths, rows),
+             "response_length/clip": (cut, rows)}
+    out = dist_mean_max_min(named, group=group)
+    out["response_length/clip_ratio"] = out.pop("response_length/clip/mean")
+    del out["response_length/clip/max"], out["response_length/clip/min"]
     return out

@@ -12,9 +12,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlprims.ops import masked_mean, masked_var, masked_whiten
+from rlprims.ops import (
+    gae_advantages,
+    gpg_advantages,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+)
+from rlprims.parallel.advantages import (
+    dist_gae_advantages,
+    dist_gpg_advantages,
+    dist_reinforce_pp_advantages,
+    dist_reinforce_pp_baseline_advantages,
+)
 from rlprims.parallel.ranks import dp_rank_and_size, rollout_seed
 from rlprims.parallel.stats import (
+    dist_batch_metrics,
+    dist_cat_rows,
     dist_masked_max,
     dist_masked_mean,
     dist_masked_min,
@@ -28,7 +44,8 @@ from tests.tolerances import REORDER
 B, T = 10, 7
 WORLD = 4
 # Uneven shards (rank 1 holds no row): the result must not depend on how rows are split.
-SPLITS = [0, 3, 3, 8, 10]
+SPLITS = [0, 4, 4, 8, 10]  # multiples of GROUP: groups never span ranks
+GROUP = 2
 DP_SPLIT = [0, 6, 10]  # 4 ranks as (dp 2) x (tp 2): both ranks of a tp pair hold the same rows
 
 
@@ -65,6 +82,14 @@ def _everything(values, mask, scores, rows, group):
         "whiten_keep_mean": dist_masked_whiten(values, mask, group=group, shift_mean=False),
         "logged": dist_mean_max_min({"tok": (values, mask), "seq": (scores, rows)}, group=group),
     }
+    rewards, old_values = torch.where(mask, values, 0.0), torch.where(mask, values * 0.5 - 1, 0.0)
+    out["gae"] = dist_gae_advantages(rewards, old_values, mask, gamma=0.9, lam=0.8, group=group)
+    out["rpp"] = dist_reinforce_pp_advantages(rewards, mask, gamma=0.9, group=group)
+    out["rpp_baseline"] = dist_reinforce_pp_baseline_advantages(scores, mask, group_size=GROUP, group=group)
+    out["batch"] = dist_batch_metrics(scores, scores * 2, values, mask, mask.sum(-1), max_response_len=7,
+                                      group=group)
+    binary = (scores > 0.3).double()  # GPG's α counts the nonzero scores of the whole batch
+    out["gpg"] = dist_gpg_advantages(binary, mask, group_size=GROUP, group=group)
     return out
 
 
@@ -88,6 +113,9 @@ def _worker(rank, world, init_file, out_dir):
         res["mesh"] = _everything(values[lo:hi], mask[lo:hi], scores[lo:hi], rows[lo:hi], mesh["dp"])
         res["pg"] = _everything(values[lo:hi], mask[lo:hi], scores[lo:hi], rows[lo:hi], mesh.get_group("dp"))
         res["whiten_rows"] = (lo, hi)
+        lo, hi = SPLITS[rank], SPLITS[rank + 1]
+        width = [7, 3, 5, 2][rank]  # ranks with different widths: padded to the widest
+        res["cat"] = (dist_cat_rows(values[lo:hi, :width], group=None), dist_cat_rows(mask[lo:hi, :width], group=None))
         torch.save(res, os.path.join(out_dir, f"r{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -104,18 +132,41 @@ def _expected():
         "min": v.min(),
         "whiten": masked_whiten(values, mask),
         "whiten_keep_mean": masked_whiten(values, mask, shift_mean=False),
+        "gae": gae_advantages(torch.where(mask, values, 0.0), torch.where(mask, values * 0.5 - 1, 0.0), mask,
+                              gamma=0.9, lam=0.8),
+        "rpp": reinforce_pp_advantages(torch.where(mask, values, 0.0), mask, gamma=0.9),
+        "rpp_baseline": reinforce_pp_baseline_advantages(scores, mask, group_size=GROUP),
+        "gpg": gpg_advantages((scores > 0.3).double(), mask, group_size=GROUP),
         "logged": {"tok/mean": masked_mean(values, mask).item(), "tok/max": v.max().item(),
                    "tok/min": v.min().item(), "seq/mean": scores[rows].mean().item(),
                    "seq/max": scores[rows].max().item(), "seq/min": scores[rows].min().item()},
     }
 
 
+def mask_all():
+    return _batch()[1]
+
+
 def _compare(got: dict, expected: dict, rows: tuple[int, int]) -> None:
     lo, hi = rows
     for k in ("mean", "var", "var_biased", "max", "min"):
         torch.testing.assert_close(got[k], expected[k], **REORDER, msg=k)
-    for k in ("whiten", "whiten_keep_mean"):
+    for k in ("whiten", "whiten_keep_mean", "rpp_baseline", "gpg"):
         torch.testing.assert_close(got[k], expected[k][lo:hi], **REORDER, msg=k)
+    for k in ("gae", "rpp"):
+        for a, b in zip(got[k], expected[k]):
+            torch.testing.assert_close(a, b[lo:hi], **REORDER, msg=k)
+    lengths = mask_all().sum(-1).double()
+    _, _, scores, _ = _batch()
+    v = _batch()[0][mask_all()]
+    assert got["batch"] == pytest.approx({
+        "critic/score/mean": scores.mean().item(), "critic/score/max": scores.max().item(),
+        "critic/score/min": scores.min().item(), "critic/rewards/mean": 2 * scores.mean().item(),
+        "critic/rewards/max": 2 * scores.max().item(), "critic/rewards/min": 2 * scores.min().item(),
+        "critic/advantages/mean": v.mean().item(), "critic/advantages/max": v.max().item(),
+        "critic/advantages/min": v.min().item(), "response_length/mean": lengths.mean().item(),
+        "response_length/max": 7.0, "response_length/min": 0.0, "response_length/clip_ratio": 0.2,
+    }, rel=1e-12, abs=1e-12)
     assert got["logged"].keys() == expected["logged"].keys()
     for k, v in expected["logged"].items():
         assert got["logged"][k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
@@ -141,6 +192,19 @@ def test_dp_axis_of_a_tp_mesh_counts_each_row_once(ranks):
     for res in results:
         _compare(res["mesh"], expected, res["whiten_rows"])
         _compare(res["pg"], expected, res["whiten_rows"])
+
+
+def test_cat_rows_concatenates_in_rank_order(ranks):
+    values, mask, _, _ = _batch()
+    widths = [7, 3, 5, 2]
+    for res in ranks:
+        got_values, got_mask = res["cat"]
+        assert got_values.shape == (B, T) and got_mask.dtype == torch.bool
+        for rank, w in enumerate(widths):
+            lo, hi = SPLITS[rank], SPLITS[rank + 1]
+            assert torch.equal(got_mask[lo:hi, :w], mask[lo:hi, :w]) and not got_mask[lo:hi, w:].any()
+            expect = torch.where(mask[lo:hi, :w], values[lo:hi, :w], 0.0)
+            assert torch.equal(torch.where(got_mask[lo:hi, :w], got_values[lo:hi, :w], 0.0), expect)
 
 
 def test_validation_metrics_equal_one_process(ranks):

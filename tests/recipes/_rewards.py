@@ -5,3 +5,16 @@ the policy gets a real gradient (verl's compute_score signature, loaded with --r
 def letter_share(data_source, solution_str, ground_truth, extra_info=None) -> float:
     """Share of the response's characters that are lowercase ASCII letters."""
     return sum("a" <= c <= "z" for c in solution_str) / max(len(solution_str), 1)
+
+
+def letter_share_logged(data_source, solution_str, ground_truth, extra_info=None) -> float:
+    """letter_share, and for training prompts a line "<prompt index>\\t<score>" appended to the file named by
+    $RLPRIMS_TEST_SCORE_LOG (when set): the test recomputes a step's global max / min from it."""
+    import os
+
+    score = letter_share(data_source, solution_str, ground_truth, extra_info)
+    path = os.environ.get("RLPRIMS_TEST_SCORE_LOG")
+    if path and (extra_info or {}).get("split") == "train":
+        with open(path, "a") as f:
+            f.write(f"{extra_info['index']}\t{score!r}\n")
+    return score

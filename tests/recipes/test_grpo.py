@@ -1,4 +1,9 @@
-"""recipes/grpo.py end to end: two ranks on the tiny model (FSDP2, one engine per rank), and resumption.
+"""recipes/grpo.py end to end: two ranks on the tiny model (FSDP2, one engine per rank), resumption, and
+two ranks sharing one engine (--tp 2).
+
+The score statistics are checked against the scores themselves: the reward function logs each training
+response's (prompt index, score), and step 1's prompts are the sampler's for both data-parallel ranks, so
+`critic/score/max` / `min` must be the max / min over both ranks' responses (not a mean of per-rank values).
 
 Resumption is checked the hard way: the run is SIGKILLed (once after the step-2 checkpoint, once in the
 middle of writing it) and restarted with the same command; the restarted run must log exactly the same
@@ -26,7 +31,7 @@ pytest.importorskip("vllm")
 STEPS = 3
 FLAGS = ["--steps", str(STEPS), "--prompts-per-rank", "2", "--group-size", "4", "--max-response-len", "16",
          "--kv-cache-gb", "0.1", "--val-prompts", "4", "--val-every", "2", "--save-every", "1", "--lr", "1e-3",
-         "--reward-fn", str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share"]
+         "--reward-fn", str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share_logged"]
 TIMING = ("timing_s/", "perf/throughput")
 
 
@@ -37,7 +42,11 @@ def _comparable(lines: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(tiny_chat_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo-ref")
-    run_recipe("grpo", out, "--model", tiny_chat_model, *FLAGS)
+    os.environ["RLPRIMS_TEST_SCORE_LOG"] = str(out / "scores.tsv")
+    try:
+        run_recipe("grpo", out, "--model", tiny_chat_model, *FLAGS)
+    finally:
+        del os.environ["RLPRIMS_TEST_SCORE_LOG"]
     return out, metric_lines(out)
 
 
@@ -48,13 +57,39 @@ def test_logs_verl_metrics_every_step(reference):
     for m in train:
         for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/pg_clipfrac", "actor/ppo_kl",
                     "response_length/mean", "response_length/clip_ratio", "rollout_corr/kl",
-                    "timing_s/gen", "timing_s/update_actor", "timing_s/sync", "perf/throughput"):
+                    "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights", "perf/throughput"):
             assert key in m and math.isfinite(m[key]), key
         assert m["actor/entropy"] > 0 and m["actor/grad_norm"] > 0  # rewards differ within groups
         # the engine samples from the weights the trainer has: pushed after every step
         assert abs(m["rollout_corr/kl"]) < 1e-4, m["rollout_corr/kl"]
     val = [m["step"] for m in lines if any(k.startswith("val-core/") for k in m)]
     assert val == [0, 2, 3]  # before the first step, every 2 steps, after the last
+
+
+def test_score_max_and_min_are_over_both_ranks(reference):
+    from rlprims.data import arithmetic_rows, next_indices, sampler_init
+
+    out, lines = reference
+    rows = arithmetic_rows(4096, seed=0, max_operand=20)
+    prompts = [rows[i]["extra_info"]["index"] for rank in range(2)
+               for i in next_indices(sampler_init(), len(rows), batch_size=2, rank=rank, world_size=2, seed=0)[0]]
+    logged = [line.split("\t") for line in (out / "scores.tsv").read_text().splitlines()]
+    scores = [float(score) for index, score in logged if int(index) in prompts]
+    assert len(scores) == 4 * 4  # 2 ranks x 2 prompts x group 4, all of step 1
+    step1 = next(m for m in lines if m["step"] == 1 and "critic/score/max" in m)
+    assert step1["critic/score/max"] == pytest.approx(max(scores), rel=1e-6)  # float32 scores
+    assert step1["critic/score/min"] == pytest.approx(min(scores), rel=1e-6)
+    assert step1["critic/score/mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-6)
+
+
+def test_two_ranks_sharing_one_engine(tiny_chat_model, tmp_path):
+    """--tp 2: both ranks drive one engine, so they must sample the same prompts with the same seeds."""
+    run_recipe("grpo", tmp_path, "--model", tiny_chat_model, *FLAGS, "--tp", "2", "--steps", "2", "--save-every", "0")
+    train = [m for m in metric_lines(tmp_path) if "critic/score/mean" in m]
+    assert [m["step"] for m in train] == [1, 2]
+    for m in train:
+        assert m["actor/grad_norm"] > 0 and math.isfinite(m["actor/pg_loss"])
+        assert abs(m["rollout_corr/kl"]) < 1e-4, m["rollout_corr/kl"]  # TP-resharded weights reached the engine
 
 
 def test_writes_checkpoints_export_and_curves(reference):

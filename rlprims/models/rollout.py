@@ -1,0 +1,62 @@
+"""The trainer's log-probs of a rollout batch's responses: `rlprims.models.packed` on chosen rows.
+
+Rows are the indices of a micro-batch (from `rlprims.parallel.step_micro_batches`); each call packs
+those rows' prompt + response tokens into one stream (`rollout_sequences`) and returns the response
+columns, aligned with the batch's `response_ids` / `response_mask` / `rollout_logprobs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rlprims.models.packed import response_logprobs, response_logprobs_and_entropy
+from rlprims.ops.logprobs import LogprobsEntropy
+from rlprims.rollout.batch import RolloutBatch, rollout_sequences
+
+__all__ = ["rows_logprobs", "rows_logprobs_and_entropy", "batch_logprobs"]
+
+
+def _rows(batch: RolloutBatch, rows: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    idx = torch.as_tensor(list(rows), dtype=torch.long, device=batch.prompt_ids.device)
+    seqs = rollout_sequences(batch)
+    return seqs.input_ids[idx], seqs.attention_mask[idx], seqs.response_mask[idx]
+
+
+def rows_logprobs(model: nn.Module, batch: RolloutBatch, rows: Sequence[int], *, temperature: float) -> Tensor:
+    """log π(response_ids[r, t]) for each row r of `rows` (with gradient), 0 off the response mask.
+
+    Shapes: batch with responses [B, R], rows k indices -> [k, R] fp32.
+    """
+    out = response_logprobs(model, *_rows(batch, rows), temperature=temperature)
+    return out[:, batch.prompt_ids.shape[1] :]
+
+
+def rows_logprobs_and_entropy(
+    model: nn.Module, batch: RolloutBatch, rows: Sequence[int], *, temperature: float
+) -> LogprobsEntropy:
+    """`rows_logprobs` and the entropy of each response token's sampling distribution (both with gradient).
+
+    Shapes: batch with responses [B, R], rows k indices -> LogprobsEntropy([k, R], [k, R]) fp32.
+    """
+    out = response_logprobs_and_entropy(model, *_rows(batch, rows), temperature=temperature)
+    p = batch.prompt_ids.shape[1]
+    return LogprobsEntropy(logprobs=out.logprobs[:, p:], entropy=out.entropy[:, p:])
+
+
+@torch.no_grad()
+def batch_logprobs(
+    model: nn.Module, batch: RolloutBatch, parts: Iterable[Sequence[int]], *, temperature: float
+) -> Tensor:
+    """The whole batch's log-probs without gradient (old or reference policy), one forward per part.
+
+    `parts` must cover the rows (e.g. every micro-batch of every mini-batch of a step plan); under FSDP2
+    every rank must pass as many parts. Rows in no part stay 0.
+    Shapes: batch with responses [B, R] -> [B, R] fp32.
+    """
+    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=batch.response_ids.device)
+    for part in parts:
+        out[list(part)] = rows_logprobs(model, batch, part, temperature=temperature)
+    return out

@@ -1,0 +1,46 @@
+"""One optimizer step over the micro-batches of a mini-batch: what every trainer loop does the same way."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+__all__ = ["optimizer_step"]
+
+P = TypeVar("P")
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    parts: Iterable[P],
+    loss_fn: Callable[[P], tuple[Tensor, dict[str, float]]],
+    *,
+    max_grad_norm: float,
+) -> tuple[float, dict[str, float]]:
+    """Accumulates the gradient of every micro-batch, clips the global norm, steps and zeroes the gradient.
+
+        for part in parts:  loss, metrics = loss_fn(part);  loss.backward()
+        g ← g · min(1, max_grad_norm / ‖g‖)  (all parameters, all ranks: FSDP2's DTensor norm is global)
+
+    loss_fn returns the micro-batch's loss, already divided by the step-wide normalizer (see
+    `rlprims.ops.reduce`), and Python-float metrics; the metrics of all parts are summed. Under FSDP2
+    every rank must run as many parts (`step_micro_batches` plans them so).
+    Returns (‖g‖ before clipping, {name: Σ_parts metric}).
+    """
+    totals: dict[str, float] = defaultdict(float)
+    for part in parts:
+        loss, metrics = loss_fn(part)
+        loss.backward()
+        for name, value in metrics.items():
+            totals[name] += float(value)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item(), dict(totals)
