@@ -34,7 +34,7 @@ def _question(a: int, b: int) -> str:
 
 
 def calculator_demo(a: int, b: int) -> list[dict[str, str]]:
-    """One solved example: the question, the assistant's Hermes call of `calculator`, the result, the answer."""
+    """A solved example: the question, the Hermes call of `calculator`, its result, the answer."""
     call = {"name": "calculator", "arguments": {"expression": f"{a} * {b}"}}
     return [
         {"role": "user", "content": _question(a, b)},
@@ -54,20 +54,24 @@ def multiplication_rows(
     `seed` (use different seeds for train and test).
     """
     if n < 0 or digits < 1 or not 0 <= demos <= len(_DEMO_PAIRS):
-        raise ValueError(f"need n >= 0, digits >= 1, 0 <= demos <= {len(_DEMO_PAIRS)}; got {n}, {digits}, {demos}")
+        raise ValueError(
+            f"need n >= 0, digits >= 1, 0 <= demos <= {len(_DEMO_PAIRS)}; got {n}, {digits}, {demos}"
+        )
     rng = random.Random(seed)
     low, high = 10 ** (digits - 1), 10**digits - 1
     context = [m for a, b in _DEMO_PAIRS[:demos] for m in calculator_demo(a, b)]
     rows = []
     for index in range(n):
         a, b = rng.randint(low, high), rng.randint(low, high)
-        rows.append({
-            "data_source": DATA_SOURCE,
-            "prompt": [*context, {"role": "user", "content": _question(a, b)}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": str(a * b)},
-            "extra_info": {"split": split, "index": index, "tools": ["calculator"]},
-        })
+        rows.append(
+            {
+                "data_source": DATA_SOURCE,
+                "prompt": [*context, {"role": "user", "content": _question(a, b)}],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": str(a * b)},
+                "extra_info": {"split": split, "index": index, "tools": ["calculator"]},
+            }
+        )
     return rows
 
 
@@ -103,7 +107,9 @@ def tool_prompt_ids(
         names = row_tool_names(row)
         unknown = [t for t in names if t not in schemas]
         if unknown:
-            raise ValueError(f"row {i} names tool(s) {unknown} in extra_info, but the run has {sorted(schemas)}")
+            raise ValueError(
+                f"row {i} names tool(s) {unknown} in extra_info, but the run has {sorted(schemas)}"
+            )
         text = render(tokenizer, row["prompt"], [schemas[t] for t in names])
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= max_len:
@@ -115,8 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: writes OUT/train.parquet (seed S) and OUT/test.parquet (seed S + 1)."""
     from rlprims.data.verl_parquet import write_verl_parquet
 
-    parser = argparse.ArgumentParser(prog="python -m rlprims.data.tool_tasks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m rlprims.data.tool_tasks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--train", type=int, default=4096, help="rows in train.parquet")
     parser.add_argument("--test", type=int, default=256, help="rows in test.parquet")
@@ -127,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     for split, n, seed in (("train", args.train, args.seed), ("test", args.test, args.seed + 1)):
         if n:
             rows = multiplication_rows(n, seed=seed, digits=args.digits, demos=args.demos, split=split)
-            print(f"wrote {len(rows)} rows to {write_verl_parquet(rows, Path(args.out) / f'{split}.parquet')}")
+            print(
+                f"wrote {len(rows)} rows to {write_verl_parquet(rows, Path(args.out) / f'{split}.parquet')}"
+            )
 
 
 if __name__ == "__main__":

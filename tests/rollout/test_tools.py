@@ -35,8 +35,17 @@ MAX_CHARS = 200
 
 @pytest.fixture(scope="module")
 def pool():
-    tools = [calculator, _tools.echo, _tools.add, _tools.fail, _tools.hang, _tools.flood, _tools.big, _tools.die,
-             _tools.worker_pid]
+    tools = [
+        calculator,
+        _tools.echo,
+        _tools.add,
+        _tools.fail,
+        _tools.hang,
+        _tools.flood,
+        _tools.big,
+        _tools.die,
+        _tools.worker_pid,
+    ]
     with tool_pool(tools, timeout_s=TIMEOUT_S, max_output_chars=MAX_CHARS, workers=2) as p:
         yield p
 
@@ -45,14 +54,21 @@ def pool():
 
 
 def test_parse_one_call():
-    text = 'Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "2 * 3"}}</tool_call>'
+    text = (
+        'Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "2 * 3"}}</tool_call>'
+    )
     assert parse_hermes_tool_calls(text) == [ToolCall("calculator", {"expression": "2 * 3"})]
 
 
 def test_parse_qwen_layout_several_calls_and_string_arguments():
-    text = ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "echo", "arguments": "{\\"text\\": \\"hi\\"}"}\n</tool_call>')
-    assert parse_hermes_tool_calls(text) == [ToolCall("add", {"a": 1, "b": 2}), ToolCall("echo", {"text": "hi"})]
+    text = (
+        '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "echo", "arguments": "{\\"text\\": \\"hi\\"}"}\n</tool_call>'
+    )
+    assert parse_hermes_tool_calls(text) == [
+        ToolCall("add", {"a": 1, "b": 2}),
+        ToolCall("echo", {"text": "hi"}),
+    ]
 
 
 def test_parse_no_call_is_an_answer():
@@ -60,17 +76,22 @@ def test_parse_no_call_is_an_answer():
 
 
 def test_parse_missing_arguments_means_none():
-    assert parse_hermes_tool_calls('<tool_call>{"name": "worker_pid"}</tool_call>') == [ToolCall("worker_pid", {})]
+    assert parse_hermes_tool_calls('<tool_call>{"name": "worker_pid"}</tool_call>') == [
+        ToolCall("worker_pid", {})
+    ]
 
 
-@pytest.mark.parametrize("body, message", [
-    ('{"name": "calculator", "arguments": {"expression": "1+1"}', "not valid JSON"),
-    ('calculator(1 + 1)', "not valid JSON"),
-    ('["calculator"]', "must be a JSON object"),
-    ('{"arguments": {}}', "must be a JSON object"),
-    ('{"name": 3, "arguments": {}}', "must be a JSON object"),
-    ('{"name": "calculator", "arguments": [1, 2]}', "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('{"name": "calculator", "arguments": {"expression": "1+1"}', "not valid JSON"),
+        ("calculator(1 + 1)", "not valid JSON"),
+        ('["calculator"]', "must be a JSON object"),
+        ('{"arguments": {}}', "must be a JSON object"),
+        ('{"name": 3, "arguments": {}}', "must be a JSON object"),
+        ('{"name": "calculator", "arguments": [1, 2]}', "must be a JSON object"),
+    ],
+)
 def test_parse_malformed_calls_carry_an_error(body, message):
     (call,) = parse_hermes_tool_calls(f"<tool_call>{body}</tool_call>")
     assert call.error is not None and message in call.error
@@ -92,9 +113,12 @@ def test_schema_of_calculator():
             "description": "Evaluates an arithmetic expression and returns its value.",
             "parameters": {
                 "type": "object",
-                "properties": {"expression": {
-                    "type": "string",
-                    "description": 'Numbers with + - * / // % ** and parentheses, e.g. "123 * 456".'}},
+                "properties": {
+                    "expression": {
+                        "type": "string",
+                        "description": 'Numbers with + - * / // % ** and parentheses, e.g. "123 * 456".',
+                    }
+                },
                 "required": ["expression"],
             },
             "return": {"type": "string"},
@@ -102,24 +126,37 @@ def test_schema_of_calculator():
     }
 
 
-@pytest.mark.parametrize("arguments, problem", [
-    ({"a": 1, "b": 2}, None),
-    ({"a": 1}, None),
-    ({}, "missing required argument(s) ['a']"),
-    ({"a": 1, "c": 2}, "unexpected argument(s) ['c'] (expected ['a', 'b'])"),
-    ({"a": "1"}, "argument 'a' must be integer, got str '1'"),
-    ({"a": True}, "argument 'a' must be integer, got bool True"),
-    ({"a": 1.5}, "argument 'a' must be integer, got float 1.5"),
-])
+@pytest.mark.parametrize(
+    "arguments, problem",
+    [
+        ({"a": 1, "b": 2}, None),
+        ({"a": 1}, None),
+        ({}, "missing required argument(s) ['a']"),
+        ({"a": 1, "c": 2}, "unexpected argument(s) ['c'] (expected ['a', 'b'])"),
+        ({"a": "1"}, "argument 'a' must be integer, got str '1'"),
+        ({"a": True}, "argument 'a' must be integer, got bool True"),
+        ({"a": 1.5}, "argument 'a' must be integer, got float 1.5"),
+    ],
+)
 def test_argument_checks(arguments, problem):
     got = check_tool_arguments(tool_schema(_tools.add), arguments)
     assert got == (None if problem is None else f"add(): {problem}")
 
 
 def test_argument_checks_union_nullable_enum():
-    schema = {"function": {"name": "f", "parameters": {"properties": {
-        "x": {"type": ["integer", "string"]}, "y": {"type": "number", "nullable": True},
-        "z": {"type": "string", "enum": ["a", "b"]}}, "required": []}}}
+    schema = {
+        "function": {
+            "name": "f",
+            "parameters": {
+                "properties": {
+                    "x": {"type": ["integer", "string"]},
+                    "y": {"type": "number", "nullable": True},
+                    "z": {"type": "string", "enum": ["a", "b"]},
+                },
+                "required": [],
+            },
+        }
+    }
     assert check_tool_arguments(schema, {"x": "s", "y": None, "z": "a"}) is None
     assert check_tool_arguments(schema, {"x": 1, "y": 2.5}) is None
     assert "must be integer or string" in check_tool_arguments(schema, {"x": [1]})
@@ -137,7 +174,9 @@ def test_calculator():
 
 
 def test_minimal_system_prompt():
-    text = minimal_tool_system_prompt([tool_schema(calculator), tool_schema(_tools.add)], preamble="Be brief.")
+    text = minimal_tool_system_prompt(
+        [tool_schema(calculator), tool_schema(_tools.add)], preamble="Be brief."
+    )
     assert text == (
         "Be brief.\nYou can call these tools:\n"
         "- calculator(expression: string): Evaluates an arithmetic expression and returns its value.\n"
@@ -161,7 +200,8 @@ def test_minimal_prompt_on_a_template_without_tools(smol_tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 * 3?"}]
     text = minimal_tool_prompt(smol_tokenizer, messages, [tool_schema(calculator)])
     assert text == (
-        "<|im_start|>system\n" + minimal_tool_system_prompt([tool_schema(calculator)], preamble="Be brief.")
+        "<|im_start|>system\n"
+        + minimal_tool_system_prompt([tool_schema(calculator)], preamble="Be brief.")
         + "<|im_end|>\n<|im_start|>user\n2 * 3?<|im_end|>\n<|im_start|>assistant\n"
     )
     with pytest.raises(ValueError, match="no tool section"):
@@ -172,12 +212,15 @@ def test_template_prompt_uses_the_templates_tool_section(smol_tokenizer):
     import copy
 
     tok = copy.deepcopy(smol_tokenizer)
-    tok.chat_template = ("{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function.name }};{% endfor %}"
-                         "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = (
+        "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function.name }};{% endfor %}"
+        "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     assert template_has_tools(tok)
     text = template_tool_prompt(tok, [{"role": "user", "content": "hi"}], [tool_schema(calculator)])
-    assert text == "<|im_start|>system\ncalculator;<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    expected = "<|im_start|>system\ncalculator;<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    assert text == expected + "<|im_start|>assistant\n"
 
 
 # ---- the worker pool -------------------------------------------------------------------------------
@@ -185,7 +228,8 @@ def test_template_prompt_uses_the_templates_tool_section(smol_tokenizer):
 
 def test_a_good_call(pool):
     assert run_tool_calls(pool, [ToolCall("calculator", {"expression": "123 * 456"})]) == [
-        ("calculator", "56088", False)]
+        ("calculator", "56088", False)
+    ]
 
 
 def test_bad_calls_become_error_observations(pool):
@@ -223,7 +267,9 @@ def test_a_dying_worker_is_an_error_and_is_replaced(pool):
 
 
 def test_output_is_truncated_in_the_worker(pool):
-    printed, returned = run_tool_calls(pool, [ToolCall("flood", {"megabytes": 4}), ToolCall("big", {"megabytes": 8})])
+    printed, returned = run_tool_calls(
+        pool, [ToolCall("flood", {"megabytes": 4}), ToolCall("big", {"megabytes": 8})]
+    )
     assert printed.content[:MAX_CHARS] == "x" * MAX_CHARS  # 4 MiB of lines, then "done" (cut)
     assert printed.content[MAX_CHARS:] == f"... [truncated {(4 << 20) + 4 - MAX_CHARS} characters]"
     assert not printed.error
@@ -240,8 +286,13 @@ def test_calls_run_concurrently(pool):
 
 def test_run_in_pool_for_interactions(pool):
     row = {"reward_model": {"ground_truth": "6"}}
-    out = run_in_pool(pool, [(_tools.guess_game, ([{"role": "assistant", "content": "It is 6."}], row)),
-                             (_tools.broken_interaction, ([], row))])
+    out = run_in_pool(
+        pool,
+        [
+            (_tools.guess_game, ([{"role": "assistant", "content": "It is 6."}], row)),
+            (_tools.broken_interaction, ([], row)),
+        ],
+    )
     assert out[0] == (True, ("", True, 1.0))
     assert out[1] == (False, "RuntimeError: simulator crashed")
 
