@@ -14,20 +14,31 @@ For more than one node, `root` must be on a file system all ranks share.
 
 Works with a default process group (the recipes always create one, world 1 included) and without any
 (a single process, e.g. tests or notebooks). Every rank must call save/load/export (collectives).
+
+Trust: loading runs no code from the checkpoint. DCP reads `.metadata` with plain `pickle` and the
+non-tensor entries of the shards (optimizer hyperparameters) with `torch.load(weights_only=False)`, so
+before DCP sees a checkpoint `load_checkpoint` unpickles `.metadata` with an allowlist (DCP's metadata
+dataclasses, torch.Size, dtypes, paths), checks that every entry points into the checkpoint directory,
+and loads every non-tensor entry with `torch.load(weights_only=True)`; anything else is refused, naming
+the file. JSON files are validated (types, step). The content is still trusted input: the weights and
+the caller's state are used as they are (docs/checkpoints.md, "Trust").
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +199,9 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
     if not isinstance(extra_state, dict):
         raise ValueError(f"extra_state must be a dict, got {type(extra_state).__name__}")
+    if "step" in extra_state and (type(extra_state["step"]) is not int or extra_state["step"] != step):
+        raise ValueError(f"extra_state['step'] must be the step being saved ({step}), got "
+                         f"{extra_state['step']!r}")
     try:
         extra_json = json.dumps(extra_state, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as e:
@@ -253,17 +267,35 @@ def load_checkpoint(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
+    expect: Mapping[str, type | tuple[type, ...]] | None = None,
 ) -> dict[str, Any]:
     """Restores model and optimizer (in place) and this rank's RNG states; returns the extra_state.
 
     Collective. The model and optimizer must be built (and sharded) as for training; the checkpoint may
     come from another world size or sharding (DCP reshards). If the checkpoint has no RNG file for this
     rank (it was saved by fewer ranks) the RNG states are left as they are, with a warning.
+
+    Checked before anything is loaded (on every rank; a failure raises ValueError on every rank, naming
+    the file): `.metadata` holds only DCP's metadata types (see the module docstring), every entry lies
+    in the directory, every non-tensor entry loads with `torch.load(weights_only=True)`, the RNG files
+    load likewise, `checkpoint.json` names this directory's step, `extra_state.json` is a JSON object
+    whose "step" (when present, as `save_checkpoint` requires) is that step as an int. `expect`: the
+    keys the caller needs and their types, e.g. `{"step": int, "sampler": dict}` (bool is not an int;
+    float accepts an int); a missing key or another type raises ValueError naming it.
     """
     path = Path(path)
     if not (path / _MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_MARKER}); "
                                 f"use latest_checkpoint(root) to find one")
+    error, extra, saved_world = None, {}, 0
+    try:
+        saved_world = _check_marker(path)
+        extra = _check_extra(path, expect)
+        _check_dcp_files(path)
+    except ValueError as e:
+        error = str(e)
+    _raise_if_any_rank(error)
+
     if optimizer is None:
         model_state = get_model_state_dict(model)
         state = {"model": model_state}
@@ -279,12 +311,149 @@ def load_checkpoint(
 
     rng_file = _rng_file(path, _rank())
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        try:
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        except Exception as e:  # any failure means the file is not what save wrote
+            raise ValueError(f"{rng_file} is not an RNG state file save_checkpoint wrote: {e}") from e
     else:
-        saved = json.loads((path / _MARKER).read_text())["world_size"]
-        warnings.warn(f"{path} was saved by {saved} ranks and holds no RNG state for rank {_rank()}; "
+        warnings.warn(f"{path} was saved by {saved_world} ranks and holds no RNG state for rank {_rank()}; "
                       f"this rank's RNG is not restored", stacklevel=2)
-    return json.loads((path / _EXTRA).read_text())
+    return extra
+
+
+def _raise_if_any_rank(error: str | None) -> None:
+    """Raises ValueError on every rank when any rank has an error (the first rank's), else returns."""
+    if _dist_on():
+        errors: list[str | None] = [None] * _world()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ValueError(error)
+
+
+def _json_file(path: Path) -> Any:
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(path.read_text(), parse_constant=no_constants)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable JSON file: {e}") from e
+
+
+def _check_marker(path: Path) -> int:
+    """checkpoint.json's world size, after checking that its step is this directory's."""
+    meta = _json_file(path / _MARKER)
+    step = checkpoint_step(path)
+    if not isinstance(meta, dict) or type(meta.get("step")) is not int or meta["step"] != step:
+        raise ValueError(f"{path / _MARKER} must be a JSON object with \"step\": {step} (the directory's "
+                         f"step), got {meta!r:.200}")
+    world = meta.get("world_size")
+    if type(world) is not int or world < 1:
+        raise ValueError(f"{path / _MARKER}: \"world_size\" must be an int >= 1, got {world!r:.50}")
+    return world
+
+
+def _check_extra(path: Path, expect: Mapping[str, type | tuple[type, ...]] | None) -> dict[str, Any]:
+    file = path / _EXTRA
+    extra = _json_file(file)
+    if not isinstance(extra, dict):
+        raise ValueError(f"{file} must hold a JSON object (save_checkpoint's extra_state), "
+                         f"got {type(extra).__name__}")
+    step = checkpoint_step(path)
+    if "step" in extra and (type(extra["step"]) is not int or extra["step"] != step):
+        raise ValueError(f"{file}: \"step\" must be the checkpoint's step {step} (an int), "
+                         f"got {extra['step']!r:.50}")
+    for key, types in (expect or {}).items():
+        types = types if isinstance(types, tuple) else (types,)
+        if key not in extra:
+            raise ValueError(f"{file} has no {key!r} (keys: {sorted(extra)}); was it saved by this program?")
+        value = extra[key]
+        ok = any(type(value) is int if t is int else
+                 isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
+                 isinstance(value, t) for t in types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise ValueError(f"{file}: {key!r} must be {names}, got {type(value).__name__} {value!r:.50}")
+    return extra
+
+
+# DCP's metadata types: dataclasses and enums of these modules (not their other classes, e.g. readers).
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout from its name (TensorProperties)
+    ("collections", "OrderedDict"),
+    *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath",
+                               "PureWindowsPath")),  # StorageMeta.checkpoint_id
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle's documented way to restrict globals ("Restricting Globals" in the pickle docs): only the
+    types DCP's `.metadata` is made of resolve; any other global (os.system, builtins.eval, ...) raises."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module in _DCP_METADATA_MODULES:
+            obj = getattr(__import__(module, fromlist=[name]), name, None)
+            if isinstance(obj, type) and obj.__module__ == module and (
+                    dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        if module == "torch" and isinstance(getattr(torch, name, None),
+                                            (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not a checkpoint metadata type")
+
+
+def _check_dcp_files(path: Path) -> None:
+    """Raises ValueError unless every pickle DCP will read from `path` holds only allowed types."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    refused = ("refused to load: a pickle can run code when loaded, and this one holds more than "
+               "checkpoint data (tampered with, or not written by torch.distributed.checkpoint)")
+    meta_file = path / ".metadata"
+    # DCP reads `.metadata`, and `__<rank>.metadata` when that fails (save_checkpoint writes none): all
+    for file in (meta_file, *sorted(path.glob("__*.metadata"))):
+        try:
+            with open(file, "rb") as f:
+                loaded = _MetadataUnpickler(f).load()
+        except OSError as e:
+            raise ValueError(f"{file} cannot be read: {e}") from e
+        except Exception as e:  # any unpickling failure is a refusal
+            raise ValueError(f"{file}: {e}; {refused}") from e
+        if not isinstance(loaded, Metadata) or not isinstance(loaded.storage_data, dict):
+            raise ValueError(f"{file} holds a {type(loaded).__name__}, not DCP metadata; {refused}")
+        if file == meta_file:
+            meta = loaded
+    shards: dict[str, bytes] = {}
+    for index, info in meta.storage_data.items():
+        rel = getattr(info, "relative_path", None)
+        if not (isinstance(rel, str) and rel and "/" not in rel and "\\" not in rel and rel not in (".", "..")
+                and (path / rel).is_file()):
+            raise ValueError(f"{meta_file}: entry {getattr(index, 'fqn', index)!r} points to {rel!r}, not a "
+                             f"file of {path}; {refused}")
+        if not isinstance(meta.state_dict_metadata.get(getattr(index, "fqn", None)), BytesStorageMetadata):
+            continue  # tensors: DCP loads them with torch.load(weights_only=True) itself
+        if info.transform_descriptors:
+            raise ValueError(f"{meta_file}: entry {index.fqn!r} is stored with transforms "
+                             f"{info.transform_descriptors!r}, which save_checkpoint never writes; {refused}")
+        if rel not in shards:
+            shards[rel] = (path / rel).read_bytes()
+        blob = shards[rel][info.offset : info.offset + info.length]
+        try:
+            torch.load(io.BytesIO(blob), weights_only=True)
+        except Exception as e:  # whatever fails, the entry is refused
+            raise ValueError(
+                f"{path / rel}: entry {index.fqn!r} does not load with torch.load(weights_only=True) ({e}); "
+                f"{refused}. If you wrote it yourself with a custom type in the optimizer's param_groups, "
+                f"allow that type with torch.serialization.add_safe_globals") from e
+    for rng in sorted(path.glob("rng-rank-*.pt")):
+        try:
+            torch.load(rng, weights_only=True)
+        except Exception as e:  # whatever fails, the entry is refused
+            raise ValueError(f"{rng} does not load with torch.load(weights_only=True) ({e}); {refused}") from e
 
 
 # ---- HF export ------------------------------------------------------------------------------------------
