@@ -1,4 +1,5 @@
-"""recipes/rloo.py: two steps under torchrun with 2 processes on the tiny random chat model.
+"""recipes/rloo.py: two steps under torchrun with 2 processes sharing one engine (--tp 2: they must sample
+the same prompts with the same seeds) on the tiny random chat model (2 attention heads, split over 2 ranks).
 
 The tiny model never solves arithmetic, so a reward function in a file (length parity of the reply)
 gives groups with mixed rewards; that makes a gradient at step 1, so the KL penalty to the reference
@@ -13,9 +14,11 @@ from tests.recipes.conftest import metric_lines, run_recipe
 
 pytest.importorskip("vllm")
 
-KEYS = ("critic/score/mean", "critic/rewards/mean", "critic/advantages/mean", "actor/pg_loss", "actor/entropy",
-        "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm", "actor/reward_kl_penalty", "response_length/mean",
-        "rollout_corr/kl", "timing_s/gen", "timing_s/update_actor", "perf/throughput")
+KEYS = ("critic/score/mean", "critic/rewards/mean", "critic/advantages/mean", "actor/pg_loss",
+        "actor/entropy", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/grad_norm",
+        "actor/reward_kl_penalty", "response_length/mean", "response_length/max", "critic/score/min",
+        "rollout_corr/kl", "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights",
+        "perf/throughput")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,8 @@ def run(tiny_chat_model, tmp_path_factory):
     reward = out / "parity_reward.py"
     reward.write_text("def score(data_source, solution_str, ground_truth, extra_info=None):\n"
                       "    return float(len(solution_str) % 2)\n")
-    run_recipe("rloo", out, "--model", tiny_chat_model, "--steps", "2", "--prompts-per-rank", "2",
+    run_recipe("rloo", out, "--model", tiny_chat_model, "--tp", "2", "--steps", "2",
+               "--prompts-per-rank", "2",
                "--group-size", "4", "--max-response-len", "16", "--kv-cache-gb", "0.1", "--val-prompts", "4",
                "--lr", "1e-3", "--reward-fn", f"{reward}:score")
     return out, metric_lines(out)
