@@ -68,8 +68,6 @@ class Args(RunArgs):
 
     out_dir: str = "runs/grpo"
     """metrics.jsonl, curves.png, checkpoints/ and the final HF export (hf/) go here."""
-    prompts_per_rank: int = 2
-    """Prompts each data-parallel rank samples per step (the ranks of one engine share theirs)."""
     group_size: int = 8
     """Responses per prompt (GRPO's G)."""
     adv_estimator: Literal["grpo", "drgrpo", "rloo", "opo", "gpg", "grpo_passk",
@@ -80,12 +78,8 @@ class Args(RunArgs):
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                       "seq-mean-token-sum-norm"] = "token-mean"
     """Loss aggregation (verl's loss_agg_mode), from `aggregations` below."""
-    clip_low: float = 0.2
-    """ε_low of the clipped losses (ppo, gspo, cispo, clip_cov)."""
     clip_high: float = 0.28
-    """ε_high of the clipped losses (DAPO's clip-higher; verl's default is 0.2)."""
-    clip_dual: float = 0.0
-    """ppo only: dual-clip bound c for negative advantages (verl's clip_ratio_c = 3); 0 = off."""
+    """ε_high of the clipped losses (ppo, gspo, cispo, clip_cov; DAPO's clip-higher, verl's default 0.2)."""
     kl_coef: float = 0.0
     """β of the KL to the initial policy (a frozen reference model); 0 = no KL, no reference model."""
     kl_estimator: Literal["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"] = "k3"

@@ -32,6 +32,8 @@ class RunArgs:
     """metrics.jsonl, curves.png, checkpoints/ and the final HF export (hf/) go here."""
     steps: int = 20
     """Rollout + update steps."""
+    prompts_per_rank: int = 2
+    """Prompts each data-parallel rank samples per step (the ranks of one engine share theirs)."""
     max_prompt_len: int = 128
     """Longer prompts are dropped from the dataset (verl's filter_overlong_prompts), with a count."""
     max_response_len: int = 48
@@ -48,6 +50,12 @@ class RunArgs:
     """cosine: the learning rate decays to min_lr_ratio · lr at the last step."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
+    clip_low: float = 0.2
+    """PPO clip ε_low: the ratio is clipped to [1 − clip_low, 1 + clip_high] (verl's clip_ratio_low)."""
+    clip_high: float = 0.2
+    """PPO clip ε_high (verl's clip_ratio_high; DAPO's clip-higher raises it to 0.28)."""
+    clip_dual: float = 0.0
+    """Dual-clip bound c for negative advantages (verl's clip_ratio_c = 3); 0 = off."""
     entropy_coeff: float = 0.0
     """Entropy bonus: loss −= entropy_coeff · agg(entropy) (verl's entropy_coeff; 0 = off)."""
     mini_batches: int = 1
