@@ -1,153 +1,120 @@
 """REINFORCE++: REINFORCE with a token-level KL reward and batch-whitened returns; embedded vLLM engines.
 
-Hu 2025, arXiv:2501.03262. Each rank samples `group_size` responses per prompt; token rewards are the score
-on the last response token minus β·(log π_old − log π_ref) on every token (k1, `kl_in_reward`); a token's
-advantage is its discounted return-to-go (`reinforce_pp_advantages`, γ = 1 as verl) whitened over the valid
-tokens of the whole step, all ranks together (`global_whiten`); the policy takes the PPO clipped loss.
-`--baseline true` is REINFORCE++-baseline (verl's `reinforce_plus_plus_baseline`): the response's total
-reward minus its group's mean (`drgrpo_advantages`), on every token, whitened the same way.
+Hu 2025, arXiv:2501.03262. Each data-parallel rank samples `group_size` responses per prompt; token rewards
+are the score on the last response token minus β·(log π_old − log π_ref) on every token (k1,
+`kl_in_reward`); a token's advantage is its discounted return-to-go (γ = 1 as verl) whitened over the valid
+tokens of the whole step, all ranks together (`dist_reinforce_pp_advantages`); the policy takes the PPO
+clipped loss with dual clip. `--baseline true` is REINFORCE++-baseline (verl's
+`reinforce_plus_plus_baseline`): the response's total reward minus its group's mean, on every token,
+whitened the same way (`dist_reinforce_pp_baseline_advantages`).
 
-Launch (defaults: the embedded SmolLM2-135M-Instruct and the embedded arithmetic task; no downloads):
+Launch (defaults: the embedded SmolLM2-135M-Instruct and arithmetic task; no downloads):
   python recipes/reinforce_pp.py                                # one process
   torchrun --nproc-per-node 2 recipes/reinforce_pp.py           # FSDP2 over 2 ranks, one engine each
-  torchrun --nproc-per-node 8 recipes/reinforce_pp.py --model DIR --train-files train.parquet \
-      --val-files test.parquet --compute-dtype bfloat16 --compile-engine true        # a GPU node
+  torchrun --nproc-per-node 8 recipes/reinforce_pp.py --model DIR --train-files train.parquet \\
+      --val-files test.parquet --tp 2 --compile-engine true        # a GPU node: 4 engines of 2 GPUs
   python -m rlprims.launch.slurm --nodes 2 --gpus-per-node 8 recipes/reinforce_pp.py -- --model DIR ...
 Every Args field is a flag (`--help`); a run resumes from the newest checkpoint in `out_dir`.
+
 Deliberate departures from the paper / verl:
 - KL in the reward (the paper's design); verl's REINFORCE++ examples use a k2 KL loss (0.001) instead.
-- Token-mean loss, step-wide normalizer; with one mini-batch (the default) the PPO ratio is 1 (REINFORCE).
+- Token-mean loss, step-wide normalizer; with one mini-batch and one epoch (the default) the PPO ratio is 1
+  (REINFORCE).
 """
 
 from __future__ import annotations
 
 import copy
-import os
+import gc
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlprims import ops
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from rlprims.data import SamplerState, arithmetic_rows, chat_prompt_ids, next_indices, read_verl_parquet, sampler_init
-from rlprims.launch import init, parse_args, shutdown
+from rlprims.data import (SamplerState, arithmetic_rows, chat_prompt_ids, next_indices, read_verl_parquet,
+                          sampler_init)
+from rlprims.launch import RunArgs, fit_to_device, init, parse_args, seed_all, shutdown
 from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
-from rlprims.models.packed import register_packed_attention, response_logprobs, response_logprobs_and_entropy
-from rlprims.ops import (aggregate_token_mean, drgrpo_advantages, kl_in_reward, kl_k1, masked_mean, masked_sum,
-                         micro_batch_partition, num_micro_batches, ppo_clip_loss, reinforce_pp_advantages,
-                         rollout_correction_metrics)
-from rlprims.parallel import all_reduce_scalars, build_mesh, engine_weights, shard_model, step_loss_normalizers
-from rlprims.rewards import compute_score, load_reward_fn
-from rlprims.rollout import create_engine, default_model_path, generate, update_weights
+from rlprims.models.packed import register_packed_attention
+from rlprims.models.rollout import batch_logprobs, rows_logprobs_and_entropy
+from rlprims.parallel import (all_reduce_scalars, build_mesh, dist_batch_metrics, dist_cat_rows,
+                              dist_mean_max_min, dist_reinforce_pp_advantages,
+                              dist_reinforce_pp_baseline_advantages, dp_rank_and_size, engine_weights,
+                              gather_once, optimizer_step, rollout_seed, shard_model, step_loss_normalizers,
+                              step_micro_batches)
+from rlprims.rewards import check_reward_sources, compute_score, load_reward_fn, reward_pool, score_responses
+from rlprims.rollout import (create_engine, decode_responses, default_model_path, generate, sleep_engine,
+                             update_weights)
+from rlprims.schedules import constant_lr_factor, cosine_lr_factor
+from rlprims.timing import timed
+from rlprims.validation import validate
 
 
 @dataclass
-class Args:
-    model: str = ""
-    """Local HF model directory; empty = the embedded SmolLM2-135M-Instruct (converted once, cached)."""
-    train_files: str = ""
-    """verl-schema parquet of prompts; empty = the embedded arithmetic task (seed 0)."""
-    val_files: str = ""
-    """verl-schema parquet scored greedily; empty = the embedded arithmetic task (seed 1)."""
-    reward_fn: str = ""
-    """Reward "module:function" / "file.py:function" (verl's compute_score signature); empty = ours."""
+class Args(RunArgs):
+    """REINFORCE++'s flags; the shared ones (model, data, optimizer, engine, ...) are RunArgs'."""
+
     out_dir: str = "runs/reinforce_pp"
     """metrics.jsonl, curves.png, checkpoints/ and the final HF export (hf/) go here."""
-    steps: int = 20
-    """Rollout + update steps."""
-    prompts_per_rank: int = 2
-    """Prompts each rank samples per step."""
     group_size: int = 8
     """Responses per prompt (verl's example: 8); the baseline variant centres within these groups."""
-    max_prompt_len: int = 128
-    """Longer prompts are dropped from the dataset (verl's filter_overlong_prompts)."""
-    max_response_len: int = 48
-    """Sampling stops here; such responses count as cut (response_length/clip_ratio)."""
-    temperature: float = 1.0
-    """Sampling temperature; the trainer's log-probs use the same one."""
-    lr: float = 1e-5
-    """AdamW learning rate (constant)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm."""
-    mini_batches: int = 1
-    """Optimizer steps per rollout batch, one pass (verl: train_batch_size / ppo_mini_batch_size)."""
-    clip_ratio: float = 0.2
-    """PPO clip ε (verl's default); the dual clip for negative advantages is verl's c = 3."""
     kl_coef: float = 0.001
     """β of the k1 KL penalty in the token rewards (verl's kl_ctrl.kl_coef); 0 = no reference model."""
     gamma: float = 1.0
     """Discount of the return-to-go (verl's algorithm.gamma)."""
     baseline: bool = False
     """REINFORCE++-baseline: group-mean-centred total reward instead of the discounted return."""
-    max_tokens_per_micro_batch: int = 8192
-    """Token budget of one forward/backward (verl's dynamic batch size)."""
-    dtype: str = "float32"
-    """Dtype of the sharded master weights and the optimizer state."""
-    compute_dtype: str = ""
-    """Dtype of the engine and of forward/backward (FSDP2 mixed precision); empty = dtype."""
-    tp: int = 1
-    """Tensor-parallel size of each engine (consecutive ranks share one engine)."""
-    compile_engine: bool = False
-    """Let vLLM compile and capture CUDA graphs (slower start, faster decoding on GPUs)."""
-    kv_cache_gb: float = 0.5
-    """KV cache each engine reserves (on CPU: taken from RAM)."""
-    val_prompts: int = 64
-    """Held-out prompts scored greedily (0 = no validation)."""
-    val_every: int = 10
-    """Validate every this many steps, before the first and after the last (0: only those two)."""
-    save_every: int = 10
-    """Checkpoint every this many steps and after the last (0: only after the last)."""
-    wandb_project: str = ""
-    """Also log to this Weights & Biases project (needs `pip install wandb`)."""
-    tensorboard: bool = False
-    """Also write TensorBoard events to out_dir/tensorboard (needs `pip install tensorboard`)."""
-    seed: int = 0
-    """Seeds data order, sampling and the engines."""
+    clip_dual: float = 3.0
+    """Dual-clip bound c for negative advantages (verl's clip_ratio_c); 0 = off."""
 
 
-def global_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(x − μ) / sqrt(σ² + 1e-8), μ and unbiased σ² over the valid tokens of all ranks: masked_whiten of the
-    whole step's batch, as verl's single controller computes it (`reinforce_pp_advantages` whitens one
-    rank's rows, so the recipe takes its raw returns). Two all-reduces, float64."""
-    total = torch.stack([masked_sum(values.double(), mask), mask.sum().double()])
-    dist.all_reduce(total)
-    mean = total[0] / total[1].clamp(min=1)
-    sq = masked_sum((values.double() - mean) ** 2, mask).reshape(1)
-    dist.all_reduce(sq)
-    var = sq[0] / (total[1] - 1).clamp(min=1)  # fewer than two tokens: variance 0, as masked_var
-    return torch.where(mask, ((values.double() - mean) * torch.rsqrt(var + 1e-8)).to(values.dtype), 0.0)
+LR_SCHEDULES = {"constant": constant_lr_factor, "cosine": cosine_lr_factor}  # --lr-schedule
 
 
+@record  # under torchrun, a failing rank's traceback is shown in the job summary
 def main(args: Args) -> None:
-    # ---- setup: ranks, engine, sharded trainer (+ reference), data, resume --------------------------
+    # ---- setup: ranks, engine, sharded trainer (+ reference), data, resume ---------------------------
     ctx = init(seed=args.seed)
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    dtype, compute = getattr(torch, args.dtype), getattr(torch, args.compute_dtype or args.dtype)
+    dtype = getattr(torch, args.dtype)
+    compute = getattr(torch, args.compute_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model_dir = args.model or default_model_path()
+    fit = fit_to_device(args, model_dir, ctx, rows=args.prompts_per_rank * args.group_size)  # device defaults
     engine = create_engine(model_dir, max_model_len=args.max_prompt_len + args.max_response_len,
-                           dtype=str(compute).removeprefix("torch."), seed=args.seed, tensor_parallel_size=args.tp,
-                           kv_cache_memory_bytes=int(args.kv_cache_gb * 2**30), enforce_eager=not args.compile_engine)
+                           dtype=str(compute).removeprefix("torch."), tensor_parallel_size=args.tp,
+                           kv_cache_memory_bytes=fit.kv_cache_bytes, enforce_eager=fit.enforce_eager,
+                           enable_sleep_mode=fit.sleep_level > 0, seed=args.seed)
+    seed_all(args.seed)  # vLLM reseeds the global RNGs when it starts
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                  attn_implementation=register_packed_attention()).to(device)
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.kl_coef > 0 else None
     mesh = build_mesh(device_type=device.type, tp=args.tp)
-    for m in (model, ref_model):
-        if m is not None:
-            shard_model(m, mesh, param_dtype=compute if compute != dtype else None)
+    dp, (dp_rank, dp_size) = mesh.get_group("dp"), dp_rank_and_size(mesh)  # ranks of one engine: one dp rank
+    for m in [m for m in (model, ref_model) if m is not None]:
+        shard_model(m, mesh, param_dtype=compute if compute != dtype else None,
+                    activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
+    lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
+                        total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
 
     rows = (read_verl_parquet(args.train_files) if args.train_files
-            else arithmetic_rows(4096, seed=0, max_operand=20))
+            else arithmetic_rows(4096, seed=0, max_operand=args.max_operand))
     val_rows = (read_verl_parquet(args.val_files) if args.val_files
-                else arithmetic_rows(args.val_prompts, seed=1, max_operand=20, split="test"))
+                else arithmetic_rows(args.val_prompts, seed=1, max_operand=args.max_operand, split="test"))
     data = chat_prompt_ids(tokenizer, rows, max_len=args.max_prompt_len)
     val = chat_prompt_ids(tokenizer, val_rows[: args.val_prompts], max_len=args.max_prompt_len)
+    check_reward_sources(reward_fn, [r["data_source"] for r in rows + val_rows])
+    scorer = reward_pool(reward_fn, timeout_s=args.reward_timeout_s)  # worker processes, calls time-limited
     out_dir = Path(args.out_dir)
     step, sampler = 0, sampler_init()
     if (ckpt := latest_checkpoint(out_dir / "checkpoints")) is not None:
@@ -156,145 +123,130 @@ def main(args: Args) -> None:
     log = open_run_log(out_dir, rank=rank, config=asdict(args), resume_step=step,
                        wandb_project=args.wandb_project or None, tensorboard=args.tensorboard)
 
-    def sync() -> float:  # streams the trainer's full weights, bucket by bucket, into this rank's engine
-        t0 = time.perf_counter()
-        update_weights(engine, engine_weights(model, dtype=compute))
-        return time.perf_counter() - t0
+    def sync() -> None:  # streams the full weights, bucket by bucket, into this rank's engine, in place
+        update_weights(engine, engine_weights(model, dtype=compute, bucket_bytes=args.sync_bucket_mb << 20))
 
-    def score(batch, batch_rows) -> torch.Tensor:
-        texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(batch.response_ids.tolist(),
-                                                                   batch.response_lengths.tolist())],
-                                       skip_special_tokens=True)
-        return torch.tensor([reward_fn(r["data_source"], t, r["reward_model"]["ground_truth"], r.get("extra_info"))
-                             for r, t in zip(batch_rows, texts)], dtype=torch.float32, device=device)
+    def score(batch, batch_rows):  # -> RewardResult: scores, the reward's extra keys, reward/* metrics
+        return score_responses(decode_responses(tokenizer, batch), batch_rows, scorer)
 
-    def validate() -> dict[str, float]:  # greedy accuracy on held-out prompts, split across engines
-        mine = val[rank // args.tp :: world // args.tp]
-        batch = generate(engine, [ids for ids, _ in mine], n=1, temperature=0.0,
-                         max_tokens=args.max_response_len, pad_token_id=pad_id)
-        right = score(batch, [r for _, r in mine]).sum().item() if mine else 0.0
-        own = rank % args.tp == 0  # one rank of each TP group counts its engine's answers
-        total = all_reduce_scalars({"right": right * own, "n": len(mine) * own}, mean=False, device=device)
-        return {f"val-core/{val[0][1]['data_source']}/acc/mean@1": total["right"] / max(total["n"], 1.0)}
+    def validation(step: int) -> dict[str, float]:  # every rank joins; the ranks of one engine share prompts
+        return validate(engine, val, score, n=args.val_n, temperature=args.val_temperature, group=dp,
+                        max_tokens=args.max_response_len, pad_token_id=pad_id, seed=args.seed + step).metrics
 
     sync()  # the engine starts from the model directory; a resumed trainer is ahead of it
     if step == 0 and args.val_prompts:
-        log_metrics(log, 0, validate())
+        log_metrics(log, 0, validation(0))
+
     while step < args.steps:
         step += 1
-        t_step = time.perf_counter()
-        # ---- rollout: this rank's prompts, group_size samples each, groups contiguous -----------------
-        picked, sampler = next_indices(sampler, len(data), batch_size=args.prompts_per_rank, rank=rank,
-                                       world_size=world, seed=args.seed)
-        t0 = time.perf_counter()
-        batch = generate(engine, [data[i][0] for i in picked], n=args.group_size, temperature=args.temperature,
-                         max_tokens=args.max_response_len, pad_token_id=pad_id,
-                         seed=(args.seed * 1_000_003 + step) * 4099 + rank // args.tp)
-        batch = type(batch)(*(t.to(device) for t in batch))
-        t_gen = time.perf_counter() - t0
-        scores = score(batch, [data[i][1] for i in picked for _ in range(args.group_size)])
+        timing, t_step = {}, time.perf_counter()
+        with timed(timing, "gen"):  # ---- rollout: this dp rank's prompts, group_size samples each ----------
+            picked, sampler = next_indices(sampler, len(data), batch_size=args.prompts_per_rank, rank=dp_rank,
+                                           world_size=dp_size, seed=args.seed)
+            seed = rollout_seed(seed=args.seed, step=step, dp_rank=dp_rank, dp_size=dp_size,
+                                rows=args.prompts_per_rank * args.group_size)
+            batch = generate(engine, [data[i][0] for i in picked], n=args.group_size, seed=seed,
+                             temperature=args.temperature, max_tokens=args.max_response_len,
+                             pad_token_id=pad_id, progress=rank == 0, per_row_seeds=fit.per_row_seeds)
+            sleep_engine(engine, level=fit.sleep_level)  # frees its memory for the update; the sync wakes it
+            batch = type(batch)(*(t.to(device) for t in batch))  # groups are contiguous rows
         mask = batch.response_mask
-        # ---- micro-batches (the same count on every rank: FSDP2 runs collectives in each pass) --------
-        P = batch.prompt_ids.shape[1]
-        input_ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
-        attention = torch.cat([batch.prompt_mask, mask], 1)
-        full_resp = torch.cat([torch.zeros_like(batch.prompt_mask), mask], 1)
+        with timed(timing, "reward"):
+            scored = score(batch, [data[i][1] for i in picked for _ in range(args.group_size)])
+            scores = scored.scores.to(device)
         lengths = (batch.prompt_lengths + batch.response_lengths).tolist()
-        rows_per_mini = -(-len(lengths) // args.mini_batches)
-        minis = [list(range(s, min(s + rows_per_mini, len(lengths)))) for s in range(0, len(lengths), rows_per_mini)]
-        count = torch.tensor([max(num_micro_batches([lengths[i] for i in mb], max_tokens=args.max_tokens_per_micro_batch)
-                                  for mb in minis)], device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        plans = [[[mb[j] for j in part] for part in micro_batch_partition(
-            [lengths[i] for i in mb], max_tokens=args.max_tokens_per_micro_batch, min_micro_batches=int(count))]
-            for mb in minis]
+        plans = step_micro_batches(lengths, max_tokens=fit.max_tokens_per_micro_batch,
+                                   mini_batches=args.mini_batches)  # as many micro-batches on every rank
+        on_policy = args.mini_batches == args.epochs == 1
 
-        def logprobs_of(m, part, entropy: bool):
-            idx = torch.tensor(part, dtype=torch.long, device=device)
-            fn = response_logprobs_and_entropy if entropy else response_logprobs
-            out = fn(m, input_ids[idx], attention[idx], full_resp[idx], temperature=args.temperature)
-            return (out.logprobs[:, P:], out.entropy[:, P:]) if entropy else out[:, P:]
+        with timed(timing, "old_log_prob"):  # ---- π_old and π_ref (no grad): the KL reward needs both ------
+            logprobs_of = partial(batch_logprobs, batch=batch, parts=[p for plan in plans for p in plan],
+                                  temperature=args.temperature)
+            old_logprobs = logprobs_of(model) if not on_policy or ref_model is not None else None
+            ref_logprobs = logprobs_of(ref_model) if ref_model is not None else None
 
-        # ---- old / reference log-probs (no grad): the KL reward and the rollout-correction metrics ----
-        t0 = time.perf_counter()
-        on_policy = args.mini_batches == 1
-        old_logprobs, ref_logprobs = torch.zeros_like(batch.rollout_logprobs), torch.zeros_like(batch.rollout_logprobs)
-        with torch.no_grad():
-            for part in (p for plan in plans for p in plan):
-                old_logprobs[part] = logprobs_of(model, part, entropy=False)
-                if ref_model is not None:
-                    ref_logprobs[part] = logprobs_of(ref_model, part, entropy=False)
-        t_old = time.perf_counter() - t0
-        # ---- token rewards with the KL penalty, returns (or group-centred rewards), global whitening ---
-        last = (batch.response_lengths - 1).clamp(min=0)
-        token_scores = torch.zeros_like(batch.rollout_logprobs)
-        token_scores[torch.arange(len(last), device=device), last] = scores  # the score on the last token
-        kl = kl_in_reward(token_scores, kl_k1(old_logprobs, ref_logprobs), mask, kl_coef=args.kl_coef)
-        rewards = kl.rewards.sum(-1)  # r_i − β Σ_t kl_t
-        if args.baseline:  # REINFORCE++-baseline: r_i − mean of its group, on every token of the response
-            raw = drgrpo_advantages(rewards, mask, group_size=args.group_size)
-        else:  # REINFORCE++: G_t = r_t + γ G_{t+1}
-            raw = reinforce_pp_advantages(kl.rewards, mask, gamma=args.gamma).returns
-        advantages = global_whiten(raw, mask)
-        # ---- update: clipped surrogate, step-wide token-mean per mini-batch, packed micro-batches -----
-        t0 = time.perf_counter()
-        stats = dict.fromkeys(("actor/pg_loss", "actor/entropy", "actor/pg_clipfrac", "actor/pg_clipfrac_lower",
-                               "actor/ppo_kl"), 0.0)  # this rank's shares: summed over ranks below
-        grad_norms = []
-        updates = len(plans)
-        for plan in plans:
-            norms = step_loss_normalizers([mask[part] for part in plan])
-            for part in progress(plan, desc=f"step {step} update", rank=rank):
-                logprobs, entropy = logprobs_of(model, part, entropy=True)
-                m = mask[part]
-                old = logprobs.detach() if on_policy else old_logprobs[part]
-                pg = ppo_clip_loss(logprobs, old, advantages[part], m, clip_low=args.clip_ratio,
-                                   clip_high=args.clip_ratio, clip_dual=3.0)
-                loss = aggregate_token_mean(pg.loss, m, num_tokens=norms.num_tokens)
-                loss.backward()
-                share = m.sum().item() / max(norms.num_tokens.item(), 1) / updates  # of the step's token means
-                stats["actor/pg_loss"] += loss.item() / updates
-                stats["actor/entropy"] += aggregate_token_mean(entropy.detach(), m, num_tokens=norms.num_tokens
-                                                               ).item() / updates
-                for k in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
-                    stats[f"actor/{k}"] += pg.metrics[k].item() * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # global norm
-            grad_norms.append(grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        t_update, stats["perf/total_num_tokens"] = time.perf_counter() - t0, float(sum(lengths))
-        t_sync = sync()  # push the new weights into this rank's engine, in place
-        # ---- log, validate, checkpoint -------------------------------------------------------------
-        lens = batch.response_lengths.float()
-        corr = rollout_correction_metrics(old_logprobs, batch.rollout_logprobs, mask)
-        local = {
-            **{f"critic/score/{f}": getattr(scores, f)().item() for f in ("mean", "max", "min")},
-            **{f"critic/rewards/{f}": getattr(rewards, f)().item() for f in ("mean", "max", "min")},
-            **{f"response_length/{f}": getattr(lens, f)().item() for f in ("mean", "max", "min")},
-            "response_length/clip_ratio": (lens >= args.max_response_len).float().mean().item(),
-            "critic/returns/mean": masked_mean(raw, mask).item(),
-            **{k: v.item() for k, v in kl.metrics.items()},  # actor/reward_kl_penalty(_coeff)
-            "actor/lr": args.lr, "actor/grad_norm": sum(grad_norms) / len(grad_norms),
-            **{k: corr[k].item() for k in ("rollout_corr/kl", "rollout_corr/training_ppl",
-                                           "rollout_corr/rollout_ppl")},
-            "timing_s/gen": t_gen, "timing_s/old_log_prob": t_old, "timing_s/update_actor": t_update,
-            "timing_s/update_weights": t_sync, "timing_s/step": time.perf_counter() - t_step,
+        with timed(timing, "adv"):  # ---- token rewards − β k1(π_old, π_ref), whitened over all dp ranks ----
+            token_rewards, kl_metrics = ops.last_token_rewards(scores, mask), {}
+            if ref_model is not None:
+                kl = ops.kl_k1(old_logprobs, ref_logprobs)
+                shaped = ops.kl_in_reward(token_rewards, kl, mask, kl_coef=args.kl_coef)
+                token_rewards, kl_metrics = shaped.rewards, shaped.metrics
+            rewards = token_rewards.sum(-1)  # r_i − β Σ_t kl_t
+            if args.baseline:  # REINFORCE++-baseline: r_i − mean of its group, on every token of the response
+                returns = ops.drgrpo_advantages(rewards, mask, group_size=args.group_size)
+                advantages = dist_reinforce_pp_baseline_advantages(rewards, mask, group_size=args.group_size,
+                                                                   group=dp)
+            else:  # REINFORCE++: G_t = r_t + γ G_{t+1}
+                result = dist_reinforce_pp_advantages(token_rewards, mask, gamma=args.gamma, group=dp)
+                advantages, returns = result.advantages, result.returns
+
+        def micro_batch_loss(part):  # its share of the mini-batch's loss (norms below) and metrics
+            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, temperature=args.temperature)
+            trainer_logprobs[part] = logprobs.detach()
+            m, old = mask[part], logprobs.detach() if on_policy else old_logprobs[part]
+            pg = ops.ppo_clip_loss(logprobs, old, advantages[part], m, clip_low=args.clip_low,
+                                   clip_high=args.clip_high, clip_dual=args.clip_dual or None)
+            pg_loss = ops.aggregate_token_mean(pg.loss, m, num_tokens=norms.num_tokens)
+            ent = ops.aggregate_token_mean(entropy if args.entropy_coeff else entropy.detach(), m,
+                                           num_tokens=norms.num_tokens)
+            share = m.sum().item() / norms.num_tokens.item()  # of the mini-batch's token means
+            stats = {"actor/pg_loss": pg_loss.item(), "actor/entropy": ent.item()}
+            return pg_loss - args.entropy_coeff * ent, stats | {f"actor/{k}": v.item() * share
+                                                                for k, v in pg.metrics.items()}
+
+        with timed(timing, "update_actor"):  # ---- epochs x mini-batches, an optimizer step each --------
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * lr_factor(step - 1)
+            stats, grad_norms = defaultdict(float), []  # this rank's shares of the step's means
+            trainer_logprobs = torch.zeros_like(batch.rollout_logprobs)
+            updates = args.epochs * len(plans)
+            for plan in (p for _ in range(args.epochs) for p in plans):
+                norms = step_loss_normalizers([mask[part] for part in plan])
+                parts = progress(gather_once(model, plan, enabled=fit.gather_once), total=len(plan),
+                                 desc=f"step {step} update", rank=rank)
+                norm, sums = optimizer_step(model, optimizer, parts, micro_batch_loss,
+                                            max_grad_norm=args.max_grad_norm)
+                grad_norms.append(norm)
+                for k, v in sums.items():
+                    stats[k] += v / updates
+        with timed(timing, "update_weights"):
+            sync()
+
+        # ---- log (over the whole step: every dp rank's rows), validate, checkpoint -----------------------
+        behaviour = trainer_logprobs if on_policy else old_logprobs  # log π_old of the sampled tokens
+        corr = ops.rollout_correction_metrics(*(dist_cat_rows(t, group=dp)
+                                                for t in (behaviour, batch.rollout_logprobs, mask)))
+        timing["timing_s/step"] = time.perf_counter() - t_step
+        counts = {k: scored.metrics[k] for k in ("reward/timeouts", "reward/errors")}  # failed reward calls
+        counts["perf/total_num_tokens"] = sum(lengths)
+        local = timing | {k: v.item() for k, v in kl_metrics.items()}
+        metrics = {
+            **dist_batch_metrics(scores, rewards, advantages, mask, batch.response_lengths,
+                                 max_response_len=args.max_response_len, group=dp),
+            **dist_mean_max_min({"critic/returns": (returns, mask)}, group=dp),  # before whitening
+            **all_reduce_scalars(stats, mean=False, device=device),  # shares of world-wide normalizers
+            **all_reduce_scalars(counts, mean=False, device=device, group=dp),  # over every dp rank
+            **all_reduce_scalars(local, mean=True, device=device),
+            **{k: v.item() for k, v in corr.items()},
+            "actor/lr": optimizer.param_groups[0]["lr"],
+            "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
         }
-        metrics = {**all_reduce_scalars(local, mean=True, device=device),
-                   **all_reduce_scalars(stats, mean=False, device=device)}
         metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"] / world
         if args.val_prompts and (step == args.steps or (args.val_every and step % args.val_every == 0)):
-            metrics.update(validate())
+            metrics.update(validation(step))
         log_metrics(log, step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
             save_checkpoint(out_dir / "checkpoints", step, model=model, optimizer=optimizer,
-                            extra_state={"step": step, "sampler": sampler.to_dict()}, keep_last=2)
+                            extra_state={"step": step, "sampler": sampler.to_dict()},
+                            keep_last=args.keep_checkpoints)
 
     export_hf(model, out_dir / "hf", tokenizer=tokenizer)
+    scorer.close()
     close_run_log(log)
+    engine = None  # vLLM's teardown needs the process group: free the engine first
+    gc.collect()
     shutdown(ctx)
 
 
 if __name__ == "__main__":
     main(parse_args(Args))
-    os._exit(0)  # the embedded engine's teardown at interpreter exit is slow and can hang; all is flushed
