@@ -221,6 +221,7 @@ def dist_batch_metrics(
     advantages: Tensor,
     advantage_mask: Tensor,
     response_lengths: Tensor,
+    row_mask: Tensor | None = None,
     *,
     max_response_len: int,
     group: Group,
@@ -233,10 +234,12 @@ def dist_batch_metrics(
       response_length/{mean,max,min}     tokens per response
       response_length/clip_ratio         fraction of responses with max_response_len tokens (cut)
     Max and min are over all ranks' values (not means of per-rank extremes). Two all-reduces.
-    Shapes: scores, rewards, response_lengths [B]; advantages [B, T] float, advantage_mask [B, T] bool.
+    row_mask: the responses to count (e.g. DAPO's kept groups); None = all.
+    Shapes: scores, rewards, response_lengths, row_mask [B]; advantages [B, T] float, advantage_mask
+    [B, T] bool.
     """
     lengths = response_lengths.double()
-    rows = torch.ones_like(lengths, dtype=torch.bool)
+    rows = torch.ones_like(lengths, dtype=torch.bool) if row_mask is None else row_mask
     cut = (lengths >= max_response_len).double()
     named = {"critic/score": (scores, rows), "critic/rewards": (rewards, rows),
              "critic/advantages": (advantages, advantage_mask), "response_length": (lengths, rows),
