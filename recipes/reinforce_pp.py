@@ -147,7 +147,7 @@ def main(args: Args) -> None:
                                 rows=args.prompts_per_rank * args.group_size)
             batch = generate(engine, [data[i][0] for i in picked], n=args.group_size, seed=seed,
                              temperature=args.temperature, max_tokens=args.max_response_len,
-                             pad_token_id=pad_id, progress=rank == 0, per_row_seeds=fit.per_row_seeds)
+                             pad_token_id=pad_id, progress=rank == 0)
             sleep_engine(engine, level=fit.sleep_level)  # frees its memory for the update; the sync wakes it
             batch = type(batch)(*(t.to(device) for t in batch))  # groups are contiguous rows
         mask = batch.response_mask

@@ -80,15 +80,16 @@ def _reward_fn(v: Any) -> str | None:
 # The shared flag vocabulary of the recipes: a field of one of these names is checked by parse_args.
 # A recipe adds its own checks in `Args.__post_init__` (raise ValueError naming the flag).
 CHECKS: dict[str, Callable[[Any], str | None]] = {
-    **dict.fromkeys(("lr", "critic_lr", "temperature", "max_grad_norm", "kv_cache_gb"), _positive),
+    **dict.fromkeys(("lr", "critic_lr", "temperature", "max_grad_norm"), _positive),
     **dict.fromkeys(("steps", "prompts_per_rank", "gen_prompts_per_rank", "max_gen_rounds", "group_size",
                      "max_prompt_len", "max_response_len", "max_len", "mini_batches", "epochs", "tp",
-                     "max_tokens_per_micro_batch", "sync_bucket_mb", "batch_size", "pairs_per_rank",
+                     "sync_bucket_mb", "batch_size", "pairs_per_rank",
                      "val_n", "keep_checkpoints"), _at_least_one),
     **dict.fromkeys(("kl_coef", "entropy_coef", "clip_low", "clip_high", "clip_ratio", "vf_clip",
                      "val_prompts", "val_every", "save_every", "seed", "max_operand", "weight_decay",
                      "overlong_buffer_len", "overlong_penalty_factor", "critic_warmup", "warmup_steps",
-                     "val_pairs", "val_rows", "reward_timeout_s"), _non_negative),
+                     "val_pairs", "val_rows", "reward_timeout_s",
+                     "kv_cache_gb", "max_tokens_per_micro_batch"), _non_negative),  # 0 = fit to the device
     **dict.fromkeys(("gamma", "lam", "warmup_ratio", "min_lr_ratio", "gpu_memory_utilization"), _fraction),
     "dtype": _dtype,
     "compute_dtype": _dtype_or_auto,

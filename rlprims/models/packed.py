@@ -351,13 +351,43 @@ def _lm_head_weight(model: nn.Module) -> Tensor:
     return weight
 
 
+def _pack_on_host(
+    input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+) -> tuple[PackedSequences, Tensor]:
+    """`pack_sequences` + `packed_response_positions`, computed on CPU copies of the inputs, the results
+    copied back to the inputs' device without waiting (pinned memory, non-blocking).
+
+    On the device the two functions wait for it about ten times (nonzero, the checks, max_seqlen); here
+    the only wait is the copy of the masks, and the micro-batch's kernels are queued without gaps. The
+    inputs are small ([B, T] ids and masks), the copies negligible. CPU inputs are packed in place.
+    """
+    device = input_ids.device
+    if device.type == "cpu":
+        packed = pack_sequences(input_ids, attention_mask)
+        return packed, packed_response_positions(response_mask, packed)
+    masks = torch.stack((attention_mask, response_mask)).cpu()  # the one wait for the device
+    packed = pack_sequences(input_ids.cpu(), masks[0])
+    positions = packed_response_positions(masks[1], packed)  # [M]; predicted by positions − 1
+
+    def to_device(t: Tensor) -> Tensor:
+        return t.pin_memory().to(device, non_blocking=True)
+
+    packed = packed._replace(
+        input_ids=to_device(packed.input_ids),
+        position_ids=to_device(packed.position_ids),
+        cu_seqlens=to_device(packed.cu_seqlens),
+        indices=to_device(packed.indices),
+        seq_rows=to_device(packed.seq_rows),
+    )
+    return packed, to_device(positions)
+
+
 def _response_inputs(model, input_ids, attention_mask, response_mask):
     _check_model(model)
     check_tensor("input_ids", input_ids, ndim=2)
     check_mask("attention_mask", attention_mask, input_ids.shape)
     check_mask("response_mask", response_mask, input_ids.shape)
-    packed = pack_sequences(input_ids, attention_mask)
-    positions = packed_response_positions(response_mask, packed)  # [M]; predicted by positions − 1
+    packed, positions = _pack_on_host(input_ids, attention_mask, response_mask)
     hidden = packed_hidden_states(model, packed)
     weight = _lm_head_weight(model)  # after the forward: under FSDP2 the root's weights are gathered now
     return (

@@ -4,7 +4,9 @@ DeviceMesh; nothing here runs at import. This package never imports rlprims.roll
 (name, tensor) pairs that the recipe hands to rlprims.rollout.update_weights.
 
   build_mesh, fsdp_mesh                     (dp, tp) DeviceMesh with collective timeouts; FSDP's 1-D mesh.
-  shard_model, decoder_layers               FSDP2 per decoder layer + root, mixed precision, CPU offload.
+  shard_model, decoder_layers               FSDP2 per decoder layer + root, mixed precision, CPU offload,
+                                            activation checkpointing.
+  gather_once                               a step's micro-batches with one gather and one reduce.
   weight_buckets, engine_weights            full weights gathered bucket by bucket, cast, renamed.
   EngineTPLayout, engine_tp_layout,         vLLM's tensor-parallel slicing, and DTensor resharding of
   engine_tp_dim, engine_tp_slice,           training weights to it.
@@ -29,7 +31,7 @@ from rlprims.parallel.advantages import (
     dist_reinforce_pp_baseline_advantages,
 )
 from rlprims.parallel.buckets import DEFAULT_BUCKET_BYTES, engine_weights, weight_buckets
-from rlprims.parallel.fsdp import decoder_layers, shard_model
+from rlprims.parallel.fsdp import decoder_layers, gather_once, shard_model
 from rlprims.parallel.mesh import build_mesh, fsdp_mesh
 from rlprims.parallel.normalizers import all_reduce_scalars, step_loss_normalizers
 from rlprims.parallel.plan import step_micro_batches
@@ -76,6 +78,7 @@ __all__ = [
     "fsdp_mesh",
     "shard_model",
     "decoder_layers",
+    "gather_once",
     "weight_buckets",
     "engine_weights",
     "DEFAULT_BUCKET_BYTES",

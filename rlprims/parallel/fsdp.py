@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -9,7 +12,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from rlprims.parallel.mesh import fsdp_mesh
 
-__all__ = ["shard_model", "decoder_layers"]
+T = TypeVar("T")
+
+__all__ = ["shard_model", "decoder_layers", "gather_once"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -34,6 +39,7 @@ def shard_model(
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
     average_gradients: bool = False,
+    activation_checkpointing: bool = False,
 ) -> nn.Module:
     """Shards `model` in place with FSDP2 over all ranks of `mesh`: each decoder layer, then the root.
 
@@ -52,6 +58,12 @@ def shard_model(
       sum over ranks equals one big batch). True is torch's default (mean over ranks), for losses
       normalized per rank.
 
+    activation_checkpointing: each decoder layer keeps only its input for the backward and recomputes
+      the rest there (torch's composable `checkpoint`, applied before sharding; module names and
+      state_dict keys are unchanged). Activation memory per token drops from all of a layer's
+      intermediates to its input (≈ 2·hidden bytes in bf16 per layer), for one more forward pass of
+      compute (≈ +1/3 of forward + backward). Gradients are identical (tested).
+
     Differs from torch's default: gradients summed, not averaged (see average_gradients).
     Returns the same module, now also an FSDPModule (clip_grad_norm_ of torch works on its DTensor grads).
     """
@@ -62,7 +74,13 @@ def shard_model(
     kw = dict(mesh=mesh1d, mp_policy=mp)
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    if activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for layer in layers:
+            checkpoint(layer)
+    for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=False, **kw)
     if not average_gradients:
@@ -72,3 +90,40 @@ def shard_model(
                 # plain SUM collectives: a divide factor alone becomes PREMUL_SUM, which gloo lacks
                 m.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def gather_once(model: nn.Module, micro_batches: Sequence[T], *, enabled: bool = True) -> Iterator[T]:
+    """Yields one optimizer step's micro-batches; FSDP2 gathers the parameters once and reduces the
+    gradients once for all of them, instead of once per micro-batch.
+
+    For every micro-batch but the last: no gradient reduce-scatter (the unsharded gradients accumulate
+    in reduce_dtype, fp32 by default) and no resharding after backward, so the next forward finds the
+    parameters gathered. The last backward reduces and reshards as usual; after the last micro-batch
+    every FSDP module is resharded, so the optimizer step and the next gather see the same weights.
+    Pair it with `shard_model(..., reshard_after_forward=False)`; otherwise each forward still reshards
+    and only the reduce-scatters are saved.
+
+    Why: with one rank, or few, FSDP2's per-module host work (casting and copying every parameter in,
+    all-gather, copy-out, and the same for the gradients) is most of a micro-batch's CPU time for
+    small models (0.5B on an H200: ~0.1 s of 0.19 s; docs/benchmarks.md), and the GPU waits for it.
+    Memory: the gathered parameters (2 bytes/param in bf16) and fp32 unsharded gradients (4 bytes/param)
+    stay allocated through the step on every rank: use it when that fits (`rlprims.launch.fit_training`
+    decides). The gradients equal those of the per-micro-batch path up to fp32 summation order (tested).
+    enabled=False yields the micro-batches unchanged (the per-micro-batch path).
+    """
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not enabled or not fsdp:
+        yield from micro_batches
+        return
+    last = len(micro_batches) - 1
+    try:
+        for k, micro_batch in enumerate(micro_batches):
+            for m in fsdp:
+                m.set_requires_gradient_sync(k == last, recurse=False)
+                m.set_reshard_after_backward(k == last, recurse=False)
+            yield micro_batch
+    finally:
+        for m in fsdp:
+            m.set_requires_gradient_sync(True, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
+            m.reshard()

@@ -316,6 +316,10 @@ def update_weights(llm: LLM, named_tensors: Mapping[str, Tensor] | Iterable[tupl
     if the iterator itself raises, a RuntimeError chained to that exception follows the reload; either
     way the engine's weights are then inconsistent until a complete, valid set is pushed.
 
+    A sleeping engine (`sleep_engine`) is woken: its weights before the load, its KV cache after it (the
+    low-peak order of vLLM's sleep docs), with torch's cached blocks released first (`wake_engine`).
+    After level 2 the loaded weights are the only ones the engine has, and they are checked as above.
+
     How: `model_runner.reload_weights(weights_iterator=...)` through `llm.collective_rpc` (each rank
     reloads its local worker, in this process); it goes through the model's checkpoint loader, so it
     works after the CPU backend's weight repacking, where `model.load_weights` does not. On CPU the LM
@@ -332,7 +336,12 @@ def update_weights(llm: LLM, named_tensors: Mapping[str, Tensor] | Iterable[tupl
             pass
         if any(problems.values()):
             raise ValueError(_update_error(problems, cfg, partial=False))
+    asleep = _sleeping_tags(llm)
+    if "weights" in asleep:
+        wake_engine(llm, tags=("weights",))
     llm.collective_rpc(_reload_in_worker, args=(_checked(items, expected, problems),))
+    if "kv_cache" in asleep:
+        wake_engine(llm, tags=("kv_cache",))
     if llm.reset_prefix_cache() is False:
         raise RuntimeError("vLLM refused to reset the prefix cache (requests still running?)")
     if problems["raised"]:
@@ -350,11 +359,15 @@ def sleep_engine(llm: LLM, *, level: int) -> None:
     level 1: weights are offloaded to CPU RAM, the KV cache is discarded; `wake_engine` restores both.
     level 2: weights and KV cache are discarded; after `wake_engine`, push weights with
     `update_weights` before generating (the engine's weights are undefined until then).
-    No request may be running (between `generate` calls that is always so).
+    level 0: nothing happens (the engine stays awake; any engine), so a caller can pass a configured
+    level (`rlprims.launch.fit_to_device` gives 0 on CPU, 2 on CUDA). `update_weights` wakes a sleeping
+    engine by itself. No request may be running (between `generate` calls that is always so).
     """
+    if level not in (0, 1, 2) or isinstance(level, bool):
+        raise ValueError(f"level must be 0, 1 or 2, got {level!r}")
+    if level == 0:
+        return
     _require_sleep_mode(llm)
-    if level not in (1, 2):
-        raise ValueError(f"level must be 1 or 2, got {level!r}")
     llm.sleep(level=level)
 
 
@@ -362,13 +375,18 @@ def wake_engine(llm: LLM, *, tags: Sequence[str] | None = None) -> None:
     """Re-allocates what `sleep_engine` freed; tags=("weights",) then ("kv_cache",) does it in two steps.
 
     Waking the weights first and the KV cache after `update_weights` keeps the peak memory lower (the
-    pattern for level 2). The prefix cache is reset when the KV cache comes back.
+    pattern for level 2; `update_weights` does it by itself for a sleeping engine). The prefix cache is
+    reset when the KV cache comes back. First, blocks that torch's caching allocator keeps but no tensor
+    uses (the trainer's freed activations) are returned to the driver (`torch.cuda.empty_cache()`): the
+    engine's memory comes from its own pool, so without this the process would hold both at once.
     """
     _require_sleep_mode(llm)
     allowed = ("weights", "kv_cache")
     if tags is not None:
         if isinstance(tags, str) or not tags or any(t not in allowed for t in tags):
             raise ValueError(f"tags must be None or a non-empty sequence drawn from {allowed}, got {tags!r}")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     llm.wake_up(tags=None if tags is None else list(tags))
     if tags is None or "kv_cache" in tags:
         llm.reset_prefix_cache()
@@ -411,6 +429,16 @@ def _require_inprocess(llm: LLM, fn: str) -> None:
             f"{fn} needs the vLLM engine core in this process, but this engine uses {core}; create it with "
             f"rlprims.rollout.create_engine (or set {_INPROC_ENV}=0 before creating it)"
         )
+
+
+def _sleeping_tags(llm: LLM) -> set[str]:
+    """What of the engine sleeps now: a subset of {"weights", "kv_cache"} (empty for an awake engine or
+    one created without sleep mode). Reads the in-process executor's `sleeping_tags` (vLLM internal)."""
+    if not getattr(_config(llm).model_config, "enable_sleep_mode", False) or not llm.llm_engine.is_sleeping():
+        return set()
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    tags = getattr(getattr(core, "model_executor", None), "sleeping_tags", None)
+    return set(tags) if tags is not None else {"weights", "kv_cache"}
 
 
 def _require_sleep_mode(llm: LLM) -> None:

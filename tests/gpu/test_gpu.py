@@ -86,7 +86,10 @@ def make_byte_chat_model(path: Path) -> str:
 
 
 def test_grpo_recipe_three_steps(tmp_path):
-    """recipes/grpo.py on CUDA: bf16 engine and compute, FSDP2, the Triton kernel, 3 steps, validation."""
+    """recipes/grpo.py on CUDA with its device defaults (rlprims.launch.fit_to_device: compiled engine,
+    sleep level 2 during the update and the wake in update_weights, gather_once micro-batches): bf16
+    engine and compute, FSDP2, the Triton kernel, 3 steps, validation. The KL between the engine's and
+    the trainer's log-probs shows a stale or unloaded engine after the wake."""
     pytest.importorskip("vllm")
     model = make_byte_chat_model(tmp_path / "model")
     out = tmp_path / "run"
@@ -98,8 +101,9 @@ def test_grpo_recipe_three_steps(tmp_path):
     train = [m for m in lines if "critic/score/mean" in m]
     assert [m["step"] for m in train] == [1, 2, 3]
     for m in train:
+        sync = "timing_s/update_weights" if "timing_s/update_weights" in m else "timing_s/sync"
         for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "rollout_corr/kl", "timing_s/gen",
-                    "timing_s/update_actor", "timing_s/sync", "perf/throughput"):
+                    "timing_s/update_actor", sync, "perf/throughput"):
             assert math.isfinite(m[key]), (key, m)
         assert m["actor/grad_norm"] > 0 and m["actor/entropy"] > 0
         # bf16 engine vs bf16-autocast trainer: ~1e-3 (docs/grpo.md); a stale engine shows ≥ 1e-1

@@ -1,0 +1,225 @@
+"""Defaults fitted to the device: engine compilation, KV cache, sleep, micro-batch tokens, checkpointing.
+
+A recipe's flags that say "0 / None = fit" are resolved here, in one call, from the model's geometry
+(its config.json, counted on the meta device: no weights are read) and the GPU's memory:
+
+    fit = fit_to_device(args, model_dir, dist, rows=rows)
+
+On CPU every resolved value is the recipe's historical CPU default (eager engine, 0.5 GiB KV cache, no
+sleep, 8,192-token micro-batches, no checkpointing), so CPU runs do not change. On CUDA:
+
+  engine      compiled (torch.compile + CUDA graphs); KV cache = what the rollout batch needs at once
+              (rows × max_model_len tokens, +25 %), capped by gpu_memory_utilization × GPU memory minus
+              the engine's weights; sleeps at level 2 during the update (weights and KV cache freed;
+              `update_weights` wakes it and reloads the weights).
+  trainer     micro-batches of max(16,384, 2 · max_model_len) tokens, or fewer if they do not fit;
+              activation checkpointing only when that size does not fit without it; parameters gathered
+              once per optimizer step (`rlprims.parallel.gather_once`) when that costs ≤ 5 % of the GPU;
+              FSDP2 CPU offload when the sharded fp32 state does not fit beside the activations.
+
+The memory model (per rank, bytes; P parameters, L layers, hidden H, MLP width I):
+  state         P · (m + m + 2m) / world    m = master-weight bytes (fp32: 4): weights, grads, Adam
+  gather_once   6 · P                       bf16 gathered weights + fp32 unsharded gradients
+  activations   T · L · (24 H + 7 I) · 1.15 per micro-batch of T tokens, no checkpointing
+                T · (4 L H + 2 (24 H + 7 I)) with checkpointing
+  reserve       4 GiB + 8 · V · H           CUDA context, allocator slack, LM-head gradient buffers
+The activation coefficients were measured with `benchmarks/micro_batch.py` on an H200 (docs/benchmarks.md:
+0.5B 1.48–1.58 MB/token without checkpointing, 0.15–0.16 MB with; 1.5B 3.1–3.3 MB and 0.35 MB); the
+formula is within 5 % of those above and conservative below.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, NamedTuple
+
+import torch
+
+from rlprims.launch.spmd import Dist
+
+__all__ = ["DeviceFit", "ModelGeometry", "fit_to_device", "fit_to_memory", "model_geometry", "kv_cache_bytes"]
+
+GiB = 1 << 30
+CPU_KV_CACHE_BYTES = GiB // 2  # the recipes' CPU default (taken from RAM per engine)
+CPU_MICRO_BATCH_TOKENS = 8192  # the recipes' CPU default
+MIN_MICRO_BATCH_TOKENS = 16384  # below this a 0.5B micro-batch is bound by host work (benchmarks/micro_batch.py)
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class ModelGeometry(NamedTuple):
+    """What sizing needs from a causal LM's config (text config for multimodal models)."""
+
+    params: int  # exact parameter count (tied embeddings counted once)
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_heads: int
+    head_dim: int
+
+
+class DeviceFit(NamedTuple):
+    """The resolved device defaults (see the module docstring for how each is chosen)."""
+
+    enforce_eager: bool  # create_engine(enforce_eager=...)
+    kv_cache_bytes: int  # create_engine(kv_cache_memory_bytes=...)
+    sleep_level: int  # 0: the engine stays awake during the update; 1 or 2: sleep_engine(level=...)
+    max_tokens_per_micro_batch: int
+    checkpointing: bool  # shard_model(activation_checkpointing=...)
+    gather_once: bool  # shard_model(reshard_after_forward=not ...) and gather_once(..., enabled=...)
+    cpu_offload: bool  # shard_model(cpu_offload=...); the model stays on the CPU until sharded
+
+
+def model_geometry(model_dir: str | os.PathLike[str]) -> ModelGeometry:
+    """Geometry of the causal LM in `model_dir` (config.json only; parameters counted on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(os.fspath(model_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())  # parameters() counts a tied weight once
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    return ModelGeometry(
+        params=params,
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        vocab=text.vocab_size,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+    )
+
+
+def kv_cache_bytes(
+    geometry: ModelGeometry,
+    *,
+    rows: int,
+    max_model_len: int,
+    dtype_bytes: int,
+    tensor_parallel_size: int,
+    budget_bytes: int,
+) -> int:
+    """KV cache that holds `rows` sequences of `max_model_len` tokens at once (+25 % for block rounding
+    and the scheduler's slack, + 64 MiB), capped by `budget_bytes`; per engine rank (heads split by TP).
+
+    bytes/token = 2 (K and V) · layers · kv_heads · head_dim · dtype_bytes / tensor_parallel_size.
+    Raises ValueError if the budget does not hold one sequence.
+    """
+    per_token = 2 * geometry.layers * geometry.kv_heads * geometry.head_dim * dtype_bytes
+    per_token = math.ceil(per_token / tensor_parallel_size)
+    need = int(1.25 * rows * max_model_len * per_token) + (64 << 20)
+    if budget_bytes < max_model_len * per_token:
+        raise ValueError(
+            f"the engine's memory budget ({budget_bytes / GiB:.2f} GiB after its weights) does not hold one "
+            f"sequence of {max_model_len} tokens ({max_model_len * per_token / GiB:.2f} GiB): raise "
+            "--gpu-memory-utilization or --tp, or pass --kv-cache-gb"
+        )
+    return min(need, budget_bytes)
+
+
+def _activation_bytes_per_token(g: ModelGeometry, checkpointing: bool) -> float:
+    layer = 24 * g.hidden + 7 * g.intermediate  # bf16 intermediates one decoder layer keeps for backward
+    if checkpointing:
+        return 4 * g.layers * g.hidden + 2 * layer
+    return 1.15 * g.layers * layer
+
+
+def _flags(args: Any) -> tuple[bool | None, float, int, int, bool | None]:
+    """(compile_engine, kv_cache_gb, sleep_level, max_tokens_per_micro_batch, activation_checkpointing)."""
+    sleep = int(getattr(args, "sleep_level", -1))
+    if sleep not in (-1, 0, 1, 2):
+        raise ValueError(f"--sleep-level must be -1 (fit), 0, 1 or 2, got {sleep}")
+    return (
+        getattr(args, "compile_engine", None),
+        float(getattr(args, "kv_cache_gb", 0.0) or 0.0),
+        sleep,
+        int(getattr(args, "max_tokens_per_micro_batch", 0) or 0),
+        getattr(args, "activation_checkpointing", None),
+    )
+
+
+def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, rows: int) -> DeviceFit:
+    """Resolves a recipe's "fit" flags for `device`; explicit flag values are kept as given.
+
+    Reads these fields of `args` (a `rlprims.launch.RunArgs`; a missing field counts as "fit"):
+    compile_engine (None = compile on CUDA), kv_cache_gb (0 = fit), gpu_memory_utilization (the engine's
+    share of the GPU: weights + KV cache, as vLLM's), sleep_level (-1 = fit: 2 on CUDA, 0 on CPU),
+    max_tokens_per_micro_batch (0 = fit), activation_checkpointing (None = fit), max_prompt_len +
+    max_response_len (the engine's max_model_len), tp, dtype (master weights), compute_dtype.
+    dist: from `rlprims.launch.init` (its device, and the world size the trainer state is sharded over).
+    rows: sequences each engine generates at once (0 for a recipe without an engine).
+    """
+    compile_engine, kv_gb, sleep, tokens, checkpointing = _flags(args)
+    if dist.device.type != "cuda":
+        if sleep > 0:
+            raise ValueError(f"--sleep-level {sleep}: vLLM's CPU backend has no sleep mode (use 0)")
+        return DeviceFit(
+            enforce_eager=compile_engine is not True,
+            kv_cache_bytes=int(kv_gb * GiB) if kv_gb > 0 else CPU_KV_CACHE_BYTES,
+            sleep_level=0,
+            max_tokens_per_micro_batch=tokens or CPU_MICRO_BATCH_TOKENS,
+            checkpointing=bool(checkpointing),
+            gather_once=False,
+            cpu_offload=False,
+        )
+    total = torch.cuda.get_device_properties(dist.device).total_memory
+    return fit_to_memory(args, model_geometry(model_dir), total_memory=total, world_size=dist.world_size,
+                         rows=rows)
+
+
+def fit_to_memory(
+    args: Any, g: ModelGeometry, *, total_memory: int, world_size: int, rows: int
+) -> DeviceFit:
+    """`fit_to_device` for a GPU of `total_memory` bytes and a model of geometry `g` (no device needed)."""
+    total = total_memory
+    compile_engine, kv_gb, sleep, tokens, checkpointing = _flags(args)
+    tp = int(getattr(args, "tp", 1) or 1)
+    max_len = int(getattr(args, "max_prompt_len", 0)) + int(getattr(args, "max_response_len", 0))
+    compute = getattr(args, "compute_dtype", "") or "bfloat16"
+    master = _DTYPE_BYTES.get(getattr(args, "dtype", "float32"), 4)
+
+    # ---- engine: weights + KV cache within gpu_memory_utilization of the GPU --------------------------
+    engine_weights = g.params * _DTYPE_BYTES.get(compute, 2) // tp
+    sleep = 2 if sleep == -1 and rows else max(sleep, 0)
+    kv = 0
+    if rows:
+        budget = int(float(getattr(args, "gpu_memory_utilization", 0.4)) * total) - engine_weights - GiB
+        kv = int(kv_gb * GiB) if kv_gb > 0 else kv_cache_bytes(
+            g, rows=rows, max_model_len=max_len, dtype_bytes=_DTYPE_BYTES.get(compute, 2),
+            tensor_parallel_size=tp, budget_bytes=budget)
+    # what the engine holds during the update: asleep, its CUDA graphs and non-pooled buffers (~2 GiB)
+    engine_during_update = (2 * GiB if sleep else engine_weights + kv + 2 * GiB) if rows else 0
+
+    # ---- trainer: state, then activations of micro-batches big enough to keep the GPU busy ------------
+    reserve = 4 * GiB + 8 * g.vocab * g.hidden
+    usable = int(0.9 * total) - engine_during_update - reserve
+    state = g.params * 4 * master // max(world_size, 1)
+    cpu_offload = state > usable // 2
+    if cpu_offload:
+        state = 0
+    gather_extra = 6 * g.params
+    gather = gather_extra <= 0.05 * total or (cpu_offload and gather_extra <= (usable - state) // 2)
+    free = usable - state - (gather_extra if gather else 0)
+    want = tokens or max(MIN_MICRO_BATCH_TOKENS, 2 * max_len)
+    if checkpointing is None:
+        checkpointing = free < want * _activation_bytes_per_token(g, checkpointing=False)
+    fit_tokens = int(free // _activation_bytes_per_token(g, checkpointing=bool(checkpointing)))
+    if not tokens:
+        tokens = max(1024, min(want, fit_tokens) // 1024 * 1024)
+    if fit_tokens < max_len:
+        raise ValueError(
+            f"one sequence of {max_len} tokens does not fit the {free / GiB:.1f} GiB left for activations "
+            f"(model {g.params / 1e9:.2f}B parameters, {total / GiB:.0f} GiB GPU): lower "
+            "--gpu-memory-utilization, or use more ranks"
+        )
+    return DeviceFit(
+        enforce_eager=compile_engine is False,
+        kv_cache_bytes=kv,
+        sleep_level=sleep,
+        max_tokens_per_micro_batch=tokens,
+        checkpointing=bool(checkpointing),
+        gather_once=gather,
+        cpu_offload=cpu_offload,
+    )

@@ -1,0 +1,101 @@
+"""rlprims.launch.sizing: CPU keeps the recipes' historical defaults; on a GPU the documented choices.
+
+The GPU branch is a pure function of the model's geometry and the GPU's memory (`fit_to_memory`), so it
+is tested here without a GPU, on the geometries the benchmarks measured (Qwen2.5 0.5B with the 49k
+vocabulary of the GRPO issue, 1.5B, 7B) and an H200's 143,771 MiB.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlprims.launch import Dist, fit_to_device
+from rlprims.launch.sizing import GiB, ModelGeometry, fit_to_memory, kv_cache_bytes, model_geometry
+
+CPU = Dist(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="gloo")
+H200 = 143771 * 2**20
+Q05 = ModelGeometry(params=402_000_000, layers=24, hidden=896, intermediate=4864, vocab=49152, kv_heads=2,
+                    head_dim=64)
+Q15 = ModelGeometry(params=1_544_000_000, layers=28, hidden=1536, intermediate=8960, vocab=151936, kv_heads=2,
+                    head_dim=128)
+Q7 = ModelGeometry(params=7_616_000_000, layers=28, hidden=3584, intermediate=18944, vocab=152064, kv_heads=4,
+                   head_dim=128)
+WORKLOAD = dict(max_prompt_len=128, max_response_len=512)  # the GRPO issue's side-by-side: 64 x 8 rows
+
+
+def RunArgs(**overrides):  # noqa: N802 - the recipes' RunArgs defaults for the fields sizing reads
+    fields = dict(compile_engine=None, kv_cache_gb=0.0, gpu_memory_utilization=0.4, sleep_level=-1,
+                  max_tokens_per_micro_batch=0, activation_checkpointing=None, max_prompt_len=128,
+                  max_response_len=48, tp=1, dtype="float32", compute_dtype="")
+    return SimpleNamespace(**(fields | overrides))
+
+
+def test_cpu_keeps_the_historical_defaults():
+    fit = fit_to_device(RunArgs(), "unused-on-cpu", CPU, rows=16)
+    assert fit.enforce_eager and fit.sleep_level == 0
+    assert fit.kv_cache_bytes == GiB // 2 and fit.max_tokens_per_micro_batch == 8192
+    assert not (fit.checkpointing or fit.gather_once or fit.cpu_offload)
+
+
+def test_cpu_explicit_values_are_kept():
+    args = RunArgs(kv_cache_gb=0.1, max_tokens_per_micro_batch=200, compile_engine=True,
+                   activation_checkpointing=True, sleep_level=0)
+    fit = fit_to_device(args, "unused-on-cpu", CPU, rows=16)
+    assert fit.kv_cache_bytes == int(0.1 * GiB) and fit.max_tokens_per_micro_batch == 200
+    assert not fit.enforce_eager and fit.checkpointing
+    with pytest.raises(ValueError, match="no sleep mode"):
+        fit_to_device(RunArgs(sleep_level=2), "unused-on-cpu", CPU, rows=16)
+    with pytest.raises(ValueError, match="sleep-level"):
+        fit_to_device(RunArgs(sleep_level=3), "unused-on-cpu", CPU, rows=16)
+
+
+def test_gpu_choices_for_the_measured_geometries():
+    args = SimpleNamespace(**WORKLOAD)
+    small = fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=512)
+    assert not small.enforce_eager and small.sleep_level == 2
+    # the rollout batch at once: 512 x 640 tokens x 12,288 bytes (24 layers, 2 kv heads of 64, bf16), +25 %
+    assert small.kv_cache_bytes == int(1.25 * 512 * 640 * 12288) + (64 << 20)
+    assert small.max_tokens_per_micro_batch == 16384 and not small.checkpointing and small.gather_once
+    assert not small.cpu_offload
+    mid = fit_to_memory(args, Q15, total_memory=H200, world_size=1, rows=512)
+    assert mid.max_tokens_per_micro_batch == 16384 and not mid.checkpointing and not mid.gather_once
+    big = fit_to_memory(args, Q7, total_memory=H200, world_size=1, rows=512)
+    assert big.cpu_offload and big.checkpointing and big.gather_once  # 122 GB of fp32 state: to the CPU
+    assert big.max_tokens_per_micro_batch == 16384
+    # 8 ranks share the 7B state: no offload, no gathering (6 bytes/param would be 46 GB on every rank)
+    node = fit_to_memory(args, Q7, total_memory=H200, world_size=8, rows=512)
+    assert not node.cpu_offload and not node.gather_once
+
+
+def test_gpu_explicit_values_are_kept():
+    args = SimpleNamespace(**WORKLOAD, compile_engine=False, kv_cache_gb=2.0, sleep_level=0,
+                           max_tokens_per_micro_batch=4096, activation_checkpointing=True)
+    fit = fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=512)
+    assert fit.enforce_eager and fit.kv_cache_bytes == 2 * GiB and fit.sleep_level == 0
+    assert fit.max_tokens_per_micro_batch == 4096 and fit.checkpointing
+
+
+def test_kv_cache_bytes_literal_and_cap():
+    g = ModelGeometry(params=1, layers=2, hidden=8, intermediate=16, vocab=10, kv_heads=2, head_dim=4)
+    # 2 (K, V) x 2 layers x 2 heads x 4 dims x 2 bytes = 64 bytes a token; 3 rows x 10 tokens x 1.25
+    kw = dict(rows=3, max_model_len=10, dtype_bytes=2, tensor_parallel_size=1)
+    assert kv_cache_bytes(g, budget_bytes=1 << 30, **kw) == 2400 + (64 << 20)
+    assert kv_cache_bytes(g, budget_bytes=5000, **kw) == 5000  # capped
+    assert kv_cache_bytes(g, budget_bytes=1 << 30, **(kw | dict(tensor_parallel_size=2))) == 1200 + (64 << 20)
+    with pytest.raises(ValueError, match="does not hold one sequence"):
+        kv_cache_bytes(g, budget_bytes=639, **kw)
+
+
+def test_model_geometry_counts_the_parameters(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg.save_pretrained(tmp_path)
+    g = model_geometry(tmp_path)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert g.params == sum(p.numel() for p in model.parameters())
+    assert (g.layers, g.hidden, g.intermediate, g.vocab, g.kv_heads, g.head_dim) == (2, 32, 48, 64, 2, 8)
