@@ -17,7 +17,7 @@ Printed per size (mean over the steps after the first, as the issue's table):
 And, with --standalone (default for 0.5b), the same vLLM generating the same batch on its own in a fresh
 process (vLLM's default multi-process engine, the recipe's engine settings: compiled, bf16, the fitted KV
 cache): the generation time the recipe's `timing_s/gen` is compared with; also with one seed per request
-(the recipe's CPU sampling mode), which makes vLLM's sampler draw row by row.
+(what the recipe passes: vLLM's sampler then draws each seeded row's noise separately).
 
     PYTHONPATH=. python benchmarks/grpo_step.py                      # 0.5b, 5 steps, + standalone vLLM
     PYTHONPATH=. python benchmarks/grpo_step.py --sizes 1.5b --steps 3 --no-standalone
