@@ -5,79 +5,65 @@ response token, KL to the reference policy in the reward): Ouyang et al. 2022, a
 The critic is the policy's backbone with a fresh scalar head (AutoModelForTokenClassification, num_labels=1,
 as verl); the value of response token t is read at the hidden state of token t-1, as log-probs are.
 
-  python recipes/ppo.py                                         # one process, embedded model and task
+Launch (defaults: the embedded SmolLM2-135M-Instruct and arithmetic task; no downloads):
+  python recipes/ppo.py                                         # one process
   torchrun --nproc-per-node 2 recipes/ppo.py                    # FSDP2 over 2 ranks, one engine each
-  torchrun --nproc-per-node 8 recipes/ppo.py --model DIR --train-files f.parquet --compute-dtype bfloat16
+  torchrun --nproc-per-node 8 recipes/ppo.py --model DIR --train-files train.parquet \\
+      --val-files test.parquet --tp 2 --compile-engine true        # a GPU node: 4 engines of 2 GPUs
   python -m rlprims.launch.slurm --nodes 2 --gpus-per-node 8 recipes/ppo.py -- --model DIR ...
-Flags: `--help`. A run resumes from the newest checkpoint in `out_dir`.
+Every Args field is a flag (`--help`). A run resumes from the newest checkpoint in `out_dir`.
 
 Departures from the paper / verl: both losses are token-means with the normalizer of the whole optimizer
 step (all micro-batches, all ranks); advantages are whitened with all ranks' statistics (= verl's batch
 whitening); KL in the reward is k1 with a fixed β, off by default (as verl); critic_warmup=K trains only
-the critic for K steps (verl starts the actor one step earlier); no dual clip; no critic dropout; the
-critic is checkpointed in critic_checkpoints/ (before the actor: every actor checkpoint has its critic).
+the critic for K steps (verl starts the actor one step earlier); no critic dropout; the critic is
+checkpointed in critic_checkpoints/ (before the actor: every actor checkpoint has its critic).
 """
 
 from __future__ import annotations
 
 import copy
-import os
+import gc
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
+from rlprims import ops
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from rlprims.data import SamplerState, arithmetic_rows, chat_prompt_ids, next_indices, read_verl_parquet, sampler_init
-from rlprims.launch import init, parse_args, shutdown
+from rlprims.data import (SamplerState, arithmetic_rows, chat_prompt_ids, next_indices, read_verl_parquet,
+                          sampler_init)
+from rlprims.launch import RunArgs, fit_to_device, init, parse_args, seed_all, shutdown
 from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
-from rlprims.models.packed import register_packed_attention, response_logprobs, response_logprobs_and_entropy
-from rlprims.ops import (aggregate_token_mean, gae_advantages_unwhitened, kl_in_reward, kl_k1, masked_mean, masked_sum,
-                         micro_batch_partition, num_micro_batches, pack_sequences, unpack_values,
-                         ppo_clip_loss, rollout_correction_metrics, value_loss)
-from rlprims.parallel import all_reduce_scalars, build_mesh, engine_weights, shard_model, step_loss_normalizers
-from rlprims.rewards import compute_score, load_reward_fn
-from rlprims.rollout import create_engine, default_model_path, generate, update_weights
+from rlprims.models.packed import register_packed_attention
+from rlprims.models.rollout import batch_logprobs, rows_logprobs_and_entropy
+from rlprims.parallel import (all_reduce_scalars, build_mesh, dist_batch_metrics, dist_cat_rows,
+                              dist_gae_advantages, dist_masked_var, dist_mean_max_min, dp_rank_and_size,
+                              engine_weights, gather_once, optimizer_step, rollout_seed, shard_model,
+                              step_loss_normalizers, step_micro_batches)
+from rlprims.rewards import check_reward_sources, compute_score, load_reward_fn, reward_pool, score_responses
+from rlprims.rollout import (create_engine, decode_responses, default_model_path, generate, rollout_sequences,
+                             sleep_engine, update_weights)
+from rlprims.schedules import constant_lr_factor, cosine_lr_factor
+from rlprims.timing import timed
+from rlprims.validation import validate
 
 
 @dataclass
-class Args:
-    model: str = ""
-    """Local HF model directory; empty = the embedded SmolLM2-135M-Instruct (converted once, cached)."""
-    train_files: str = ""
-    """verl-schema parquet of prompts; empty = the embedded arithmetic task (seed 0)."""
-    max_operand: int = 20
-    """Embedded task only: operands in [0, max_operand]."""
-    reward_fn: str = ""
-    """Reward function "module:function" or "file.py:function" (verl's compute_score signature)."""
+class Args(RunArgs):
+    """PPO's flags; the shared ones (model, data, optimizer, engine, validation, ...) are RunArgs'."""
+
     out_dir: str = "runs/ppo"
     """metrics.jsonl, curves.png, checkpoints/, critic_checkpoints/, the exports hf/ and critic_hf/."""
-    steps: int = 20
-    """Rollout + update steps."""
     prompts_per_rank: int = 8
-    """Prompts each rank samples per step, one response each (the critic is the baseline: no groups)."""
-    max_prompt_len: int = 128
-    """Longer prompts are dropped from the dataset (verl's filter_overlong_prompts)."""
-    max_response_len: int = 48
-    """Sampling stops here; such responses count as cut (response_length/clip_ratio)."""
-    temperature: float = 1.0
-    """Sampling temperature; the trainer's log-probs use the same one."""
-    lr: float = 1e-5
-    """Actor AdamW learning rate (constant)."""
+    """Prompts each data-parallel rank samples per step, one response each (the critic is the baseline)."""
     critic_lr: float = 1e-5
-    """Critic AdamW learning rate (constant; verl's critic default)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm, actor and critic separately."""
-    mini_batches: int = 2
-    """Optimizer steps per rollout batch and epoch (verl: train_batch_size / ppo_mini_batch_size)."""
-    epochs: int = 1
-    """Passes over the rollout batch (verl's ppo_epochs)."""
-    clip_ratio: float = 0.2
-    """PPO clip ε (verl's clip_ratio; symmetric)."""
+    """Critic AdamW learning rate (verl's critic default; the same schedule as lr)."""
     vf_clip: float = 0.5
     """Value clip: V stays within ±vf_clip of the old value (verl's cliprange_value)."""
     gamma: float = 1.0
@@ -88,42 +74,27 @@ class Args:
     """β of the per-token KL-in-reward penalty −β·k1(π_old, π_ref); 0 = no reference model."""
     critic_warmup: int = 0
     """The first this many steps update only the critic (the policy and its engine stay put)."""
-    max_tokens_per_micro_batch: int = 8192
-    """Token budget of one forward/backward (verl's dynamic batch size)."""
-    compute_dtype: str = "float32"
-    """Dtype of the engine and of forward/backward (FSDP2 mixed precision; masters and AdamW stay fp32)."""
-    tp: int = 1
-    """Tensor-parallel size of each engine (consecutive ranks share one engine and its prompts)."""
-    compile_engine: bool = False
-    """Let vLLM compile and capture CUDA graphs (slower start, faster decoding on GPUs)."""
-    kv_cache_gb: float = 0.5
-    """KV cache each engine reserves (on CPU: taken from RAM)."""
-    save_every: int = 10
-    """Checkpoint every this many steps and after the last (0: only after the last); the newest 2 are kept."""
-    seed: int = 0
-    """Seeds data order, sampling, the engines and the value head."""
+    mini_batches: int = 2
+    """Optimizer steps per batch and epoch, each model (verl: train_batch_size / ppo_mini_batch_size)."""
 
 
-def global_stats(named: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """verl's `<name>/mean`, `/max`, `/min` of each (values, mask) over the valid entries of all ranks."""
-    rows = [torch.stack([x.double() for x in (torch.where(m, v, 0).sum(), m.sum(), torch.where(m, v, -torch.inf).max(),
-                                              torch.where(m, -v, -torch.inf).max())]) for v, m in named.values()]
-    sums, ext = (t.contiguous() for t in torch.stack(rows).split(2, dim=1))
-    dist.all_reduce(sums)
-    dist.all_reduce(ext, op=dist.ReduceOp.MAX)
-    return {f"{k}/{f}": x for k, (s, n), (hi, lo) in zip(named, sums.tolist(), ext.tolist())
-            for f, x in (("mean", s / max(n, 1.0)), ("max", hi), ("min", -lo))}
+LR_SCHEDULES = {"constant": constant_lr_factor, "cosine": cosine_lr_factor}  # --lr-schedule
 
 
+@record  # under torchrun, a failing rank's traceback is shown in the job summary
 def main(args: Args) -> None:
     # ---- setup: ranks, engine, sharded actor + critic (+ reference), data, resume ---------------------
     ctx = init(seed=args.seed)
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    dtype, compute = torch.float32, getattr(torch, args.compute_dtype)
+    dtype = getattr(torch, args.dtype)
+    compute = getattr(torch, args.compute_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model_dir = args.model or default_model_path()
+    fit = fit_to_device(args, model_dir, ctx, rows=args.prompts_per_rank)  # device defaults
     engine = create_engine(model_dir, max_model_len=args.max_prompt_len + args.max_response_len,
-                           dtype=str(compute).removeprefix("torch."), seed=args.seed, tensor_parallel_size=args.tp,
-                           kv_cache_memory_bytes=int(args.kv_cache_gb * 2**30), enforce_eager=not args.compile_engine)
+                           dtype=str(compute).removeprefix("torch."), tensor_parallel_size=args.tp,
+                           kv_cache_memory_bytes=fit.kv_cache_bytes, enforce_eager=fit.enforce_eager,
+                           enable_sleep_mode=fit.sleep_level > 0, seed=args.seed)
+    seed_all(args.seed)  # vLLM reseeds the global RNGs when it starts (and the value head is drawn next)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     attn = register_packed_attention()
@@ -132,15 +103,24 @@ def main(args: Args) -> None:
         model_dir, dtype=dtype, attn_implementation=attn, num_labels=1).to(device)  # eval mode: no dropout
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.kl_coef > 0 else None
     mesh = build_mesh(device_type=device.type, tp=args.tp)
+    dp, (dp_rank, dp_size) = mesh.get_group("dp"), dp_rank_and_size(mesh)  # ranks of one engine: one dp rank
     for m in [m for m in (model, critic, ref_model) if m is not None]:
-        shard_model(m, mesh, param_dtype=compute if compute != dtype else None)
+        shard_model(m, mesh, param_dtype=compute if compute != dtype else None,
+                    activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
+    lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
+                        total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
 
     rows = (read_verl_parquet(args.train_files) if args.train_files
             else arithmetic_rows(4096, seed=0, max_operand=args.max_operand))
+    val_rows = (read_verl_parquet(args.val_files) if args.val_files
+                else arithmetic_rows(args.val_prompts, seed=1, max_operand=args.max_operand, split="test"))
     data = chat_prompt_ids(tokenizer, rows, max_len=args.max_prompt_len)
+    val = chat_prompt_ids(tokenizer, val_rows[: args.val_prompts], max_len=args.max_prompt_len)
+    check_reward_sources(reward_fn, [r["data_source"] for r in rows + val_rows])
+    scorer = reward_pool(reward_fn, timeout_s=args.reward_timeout_s)  # worker processes, calls time-limited
     out_dir = Path(args.out_dir)
     actor_root, critic_root = out_dir / "checkpoints", out_dir / "critic_checkpoints"
     step, sampler = 0, sampler_init()
@@ -148,152 +128,157 @@ def main(args: Args) -> None:
         load_checkpoint(critic_root / ckpt.name, model=critic, optimizer=critic_opt)
         extra = load_checkpoint(ckpt, model=model, optimizer=optimizer)  # second: its RNG states stay
         step, sampler = extra["step"], SamplerState.from_dict(extra["sampler"])
-    log = open_run_log(out_dir, rank=rank, config=asdict(args), resume_step=step)
-    update_weights(engine, engine_weights(model, dtype=compute))  # a resumed trainer is ahead of the engine
+    log = open_run_log(out_dir, rank=rank, config=asdict(args), resume_step=step,
+                       wandb_project=args.wandb_project or None, tensorboard=args.tensorboard)
+
+    def sync() -> None:  # streams the full weights, bucket by bucket, into this rank's engine, in place
+        update_weights(engine, engine_weights(model, dtype=compute, bucket_bytes=args.sync_bucket_mb << 20))
+
+    def score(batch, batch_rows):  # -> RewardResult: scores, the reward's extra keys, reward/* metrics
+        return score_responses(decode_responses(tokenizer, batch), batch_rows, scorer)
+
+    def validation(step: int) -> dict[str, float]:  # every rank joins; the ranks of one engine share prompts
+        return validate(engine, val, score, n=args.val_n, temperature=args.val_temperature, group=dp,
+                        max_tokens=args.max_response_len, pad_token_id=pad_id, seed=args.seed + step).metrics
+
+    def values_of(batch, part) -> torch.Tensor:
+        """V(response token t) = head(h_{t-1}): one packed forward of the critic, read one column left."""
+        seqs, p = rollout_sequences(batch), batch.prompt_ids.shape[1]
+        packed = ops.pack_sequences(seqs.input_ids[part], seqs.attention_mask[part])
+        out = critic(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None],
+                     cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens, use_cache=False,
+                     max_length_q=packed.max_seqlen, max_length_k=packed.max_seqlen)
+        return ops.unpack_values(out.logits[0, :, 0].float(), packed)[:, p - 1 : -1]
+
+    sync()  # the engine starts from the model directory; a resumed trainer is ahead of it
+    if step == 0 and args.val_prompts:
+        log_metrics(log, 0, validation(0))
 
     while step < args.steps:
         step += 1
-        t_step = time.perf_counter()
-        # ---- rollout (the ranks of a TP group share an engine, hence their prompts) and scores -------
-        picked, sampler = next_indices(sampler, len(data), batch_size=args.prompts_per_rank, rank=rank // args.tp,
-                                       world_size=world // args.tp, seed=args.seed)
-        t0 = time.perf_counter()
-        batch = generate(engine, [data[i][0] for i in picked], n=1, temperature=args.temperature,
-                         max_tokens=args.max_response_len, pad_token_id=pad_id,
-                         seed=((args.seed * 1_000_003 + step) * 4099 + rank // args.tp) * 4096)  # row r: seed + r
-        batch = type(batch)(*(t.to(device) for t in batch))
-        t_gen = time.perf_counter() - t0
-        mask, lens = batch.response_mask, batch.response_lengths
-        texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(batch.response_ids.tolist(), lens.tolist())],
-                                       skip_special_tokens=True)
-        scores = torch.tensor([reward_fn(r["data_source"], t, r["reward_model"]["ground_truth"], r.get("extra_info"))
-                               for r, t in zip((data[i][1] for i in picked), texts)], device=device)
-        t_reward = time.perf_counter() - t0 - t_gen
+        timing, t_step = {}, time.perf_counter()
+        with timed(timing, "gen"):  # ---- rollout: this dp rank's prompts, one response each ---------------
+            picked, sampler = next_indices(sampler, len(data), batch_size=args.prompts_per_rank, rank=dp_rank,
+                                           world_size=dp_size, seed=args.seed)
+            seed = rollout_seed(seed=args.seed, step=step, dp_rank=dp_rank, dp_size=dp_size,
+                                rows=args.prompts_per_rank)
+            batch = generate(engine, [data[i][0] for i in picked], n=1, seed=seed, pad_token_id=pad_id,
+                             temperature=args.temperature, max_tokens=args.max_response_len,
+                             progress=rank == 0)
+            sleep_engine(engine, level=fit.sleep_level)  # frees its memory for the update; the sync wakes it
+            batch = type(batch)(*(t.to(device) for t in batch))
+        mask = batch.response_mask
+        with timed(timing, "reward"):
+            scored = score(batch, [data[i][1] for i in picked])
+            scores = scored.scores.to(device)
+        lengths = (batch.prompt_lengths + batch.response_lengths).tolist()
+        plans = step_micro_batches(lengths, max_tokens=fit.max_tokens_per_micro_batch,
+                                   mini_batches=args.mini_batches)  # as many micro-batches on every rank
+        every_part = [p for plan in plans for p in plan]
 
-        # ---- micro-batches (the same count on every rank: FSDP2 runs collectives in each pass) --------
-        P, B = batch.prompt_ids.shape[1], mask.shape[0]
-        input_ids = torch.cat([batch.prompt_ids, batch.response_ids], 1)
-        attention = torch.cat([batch.prompt_mask, mask], 1)
-        full_resp = torch.cat([torch.zeros_like(batch.prompt_mask), mask], 1)
-        lengths = (batch.prompt_lengths + lens).tolist()
-        minis = [c.tolist() for c in torch.arange(B).chunk(args.mini_batches)]
-        budget = args.max_tokens_per_micro_batch
-        count = torch.tensor([max(num_micro_batches([lengths[i] for i in mb], max_tokens=budget) for mb in minis)],
-                             device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        plans = [[[mb[j] for j in part] for part in micro_batch_partition(
-            [lengths[i] for i in mb], max_tokens=budget, min_micro_batches=int(count))]
-            for mb in minis]
+        with timed(timing, "old_log_prob"):  # ---- old log-probs, old values, reference log-probs ----------
+            old_logprobs = batch_logprobs(model, batch, every_part, temperature=args.temperature)
+            ref_logprobs = batch_logprobs(ref_model, batch, every_part, temperature=args.temperature) \
+                if ref_model is not None else None
+            old_values = torch.zeros_like(old_logprobs)
+            with torch.no_grad():
+                for part in every_part:
+                    old_values[part] = values_of(batch, part)
 
-        def logprobs_of(m, part, entropy: bool):
-            idx = torch.tensor(part, dtype=torch.long, device=device)
-            fn = response_logprobs_and_entropy if entropy else response_logprobs
-            out = fn(m, input_ids[idx], attention[idx], full_resp[idx], temperature=args.temperature)
-            return (out.logprobs[:, P:], out.entropy[:, P:]) if entropy else out[:, P:]
+        with timed(timing, "adv"):  # ---- token rewards (score − β·KL) → GAE, whitened over all dp ranks --
+            rewards, kl_metrics = ops.last_token_rewards(scores, mask), {}
+            if ref_model is not None:
+                kl = ops.kl_k1(old_logprobs, ref_logprobs)
+                shaped = ops.kl_in_reward(rewards, kl, mask, kl_coef=args.kl_coef)
+                rewards, kl_metrics = shaped.rewards, shaped.metrics
+            gae = dist_gae_advantages(rewards, old_values, mask, gamma=args.gamma, lam=args.lam, group=dp)
+            advantages, returns = gae.advantages, gae.returns
 
-        def values_of(part) -> torch.Tensor:
-            """V(response token t) = head(h_{t-1}): one packed forward of the critic, read one column left."""
-            packed = pack_sequences(input_ids[part], attention[part])
-            out = critic(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None], use_cache=False,
-                         cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
-                         max_length_q=packed.max_seqlen, max_length_k=packed.max_seqlen)
-            return unpack_values(out.logits[0, :, 0].float(), packed)[:, P - 1 : -1]
+        def critic_loss(part):  # its share of the mini-batch's value loss (norms below) and metrics
+            m = mask[part]
+            values = values_of(batch, part)
+            vf = ops.value_loss(values, old_values[part], returns[part], m, clip_range=args.vf_clip)
+            loss = ops.aggregate_token_mean(vf.loss, m, num_tokens=norms.num_tokens)
+            share = m.sum().item() / norms.num_tokens.item()  # of the mini-batch's token means
+            vpred, clipfrac = ops.masked_mean(values.detach(), m), vf.metrics["vf_clipfrac"]
+            return loss, {"critic/vf_loss": loss.item(), "critic/vf_clipfrac": clipfrac.item() * share,
+                          "critic/vpred_mean": vpred.item() * share}
 
-        # ---- old log-probs, old values and reference log-probs, all before any update ---------------
-        t0 = time.perf_counter()
-        old_logprobs, old_values, ref_logprobs = (torch.zeros_like(batch.rollout_logprobs) for _ in range(3))
-        with torch.no_grad():
-            for part in (p for plan in plans for p in plan):
-                old_logprobs[part], old_values[part] = logprobs_of(model, part, entropy=False), values_of(part)
-                if ref_model is not None:
-                    ref_logprobs[part] = logprobs_of(ref_model, part, entropy=False)
-        t_old = time.perf_counter() - t0
+        def actor_loss(part):  # its share of the mini-batch's policy loss (norms below) and metrics
+            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, temperature=args.temperature)
+            m = mask[part]
+            pg = ops.ppo_clip_loss(logprobs, old_logprobs[part], advantages[part], m, clip_low=args.clip_low,
+                                   clip_high=args.clip_high, clip_dual=args.clip_dual or None)
+            pg_loss = ops.aggregate_token_mean(pg.loss, m, num_tokens=norms.num_tokens)
+            ent = ops.aggregate_token_mean(entropy if args.entropy_coeff else entropy.detach(), m,
+                                           num_tokens=norms.num_tokens)
+            share = m.sum().item() / norms.num_tokens.item()
+            stats = {"actor/pg_loss": pg_loss.item(), "actor/entropy": ent.item()}
+            return pg_loss - args.entropy_coeff * ent, stats | {f"actor/{k}": v.item() * share
+                                                                for k, v in pg.metrics.items()}
 
-        # ---- token rewards (score at the last response token, − β·KL) → GAE → whitened over the step ---
-        rewards = torch.zeros_like(old_values).index_put_((torch.arange(B, device=device), lens - 1), scores)
-        kl_metrics = {}
-        if ref_model is not None:
-            rewards, kl_m = kl_in_reward(rewards, kl_k1(old_logprobs, ref_logprobs), mask, kl_coef=args.kl_coef)
-            kl_metrics = all_reduce_scalars({k: v.item() for k, v in kl_m.items()}, mean=True, device=device)
-        gae = gae_advantages_unwhitened(rewards, old_values, mask, gamma=args.gamma, lam=args.lam)
-        returns = gae.returns
-        pairs = (("a", gae.advantages), ("r", returns), ("d", returns - old_values))  # d: for vf_explained_var
-        sums = all_reduce_scalars({"n": mask.sum().item(), **{f"{k}{p}": masked_sum(x**p, mask).item() for k, x in pairs
-                                                              for p in (1, 2)}}, mean=False, device=device)
-        n = sums["n"]
-        var = {k: (sums[f"{k}2"] - sums[f"{k}1"] ** 2 / n) / max(n - 1, 1) for k in "ard"}
-        advantages = torch.where(mask, (gae.advantages - sums["a1"] / n) * (var["a"] + 1e-8) ** -0.5, 0.0)
+        stats, grad_norms = defaultdict(float), defaultdict(list)  # this rank's shares of the step's means
+        updates = args.epochs * len(plans)
+        for name, net, opt, loss_fn, base_lr in (("critic", critic, critic_opt, critic_loss, args.critic_lr),
+                                                 ("actor", model, optimizer, actor_loss, args.lr)):
+            if name == "actor" and step <= args.critic_warmup:
+                continue  # warm-up: the policy and its engine stay put
+            with timed(timing, f"update_{name}"):  # ---- epochs x mini-batches, an optimizer step each ----
+                for group in opt.param_groups:
+                    group["lr"] = base_lr * lr_factor(step - 1)
+                for plan in (p for _ in range(args.epochs) for p in plans):
+                    norms = step_loss_normalizers([mask[part] for part in plan])
+                    parts = progress(gather_once(net, plan, enabled=fit.gather_once), total=len(plan),
+                                     desc=f"step {step} {name}", rank=rank)
+                    norm, sums = optimizer_step(net, opt, parts, loss_fn, max_grad_norm=args.max_grad_norm)
+                    grad_norms[name].append(norm)
+                    for k, v in sums.items():
+                        stats[k] += v / updates
+        with timed(timing, "update_weights"):
+            sync()  # the engine slept through the update (on GPUs): the sync wakes it, new weights or not
 
-        # ---- update: epochs x mini-batches of optimizer steps per model, token-mean over each mini-batch --
-        updates, stats = args.epochs * len(plans), defaultdict(float)  # this rank's shares, summed over ranks
-
-        def critic_loss(part, m):
-            values = values_of(part)
-            vf = value_loss(values, old_values[part], returns[part], m, clip_range=args.vf_clip)
-            return vf.loss, {**vf.metrics, "vpred_mean": masked_mean(values.detach(), m)}
-
-        def actor_loss(part, m):
-            logprobs, entropy = logprobs_of(model, part, entropy=True)
-            pg = ppo_clip_loss(logprobs, old_logprobs[part], advantages[part], m,
-                               clip_low=args.clip_ratio, clip_high=args.clip_ratio)
-            return pg.loss, {**pg.metrics, "entropy": masked_mean(entropy.detach(), m)}
-
-        def train(name: str, loss_name: str, m, opt, loss_fn) -> float:
-            t0 = time.perf_counter()
-            for plan in (p for _ in range(args.epochs) for p in plans):
-                norms = step_loss_normalizers([mask[part] for part in plan])
-                for part in progress(plan, desc=f"step {step} {name}", rank=rank):
-                    per_token, diag = loss_fn(part, mask[part])
-                    loss = aggregate_token_mean(per_token, mask[part], num_tokens=norms.num_tokens)
-                    loss.backward()
-                    stats[f"{name}/{loss_name}"] += loss.item() / updates
-                    share = mask[part].sum().item() / norms.num_tokens.item() / updates  # of the step's means
-                    for k, v in diag.items():
-                        stats[f"{name}/{k}"] += v.item() * share
-                norm = torch.nn.utils.clip_grad_norm_(m.parameters(), args.max_grad_norm)  # global norm
-                stats[f"{name}/grad_norm"] += norm.full_tensor().item() / updates / world
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return time.perf_counter() - t0
-
-        t_critic = train("critic", "vf_loss", critic, critic_opt, critic_loss)
-        t_actor = train("actor", "pg_loss", model, optimizer, actor_loss) if step > args.critic_warmup else 0.0
-        t0 = time.perf_counter()
-        if step > args.critic_warmup:  # push the new policy into this rank's engine, in place
-            update_weights(engine, engine_weights(model, dtype=compute))
-        t_sync = time.perf_counter() - t0
-
-        # ---- log, validate, checkpoint -------------------------------------------------------------
-        corr = rollout_correction_metrics(old_logprobs, batch.rollout_logprobs, mask)
-        ones = torch.ones_like(mask[:, 0])
-        local = {
-            "response_length/clip_ratio": (lens >= args.max_response_len).float().mean().item(),
-            "actor/lr": args.lr, "critic/lr": args.critic_lr,
-            **{k: corr[k].item() for k in ("rollout_corr/kl", "rollout_corr/training_ppl", "rollout_corr/rollout_ppl")},
-            "timing_s/gen": t_gen, "timing_s/reward": t_reward, "timing_s/old_log_prob": t_old,
-            "timing_s/update_critic": t_critic, "timing_s/update_actor": t_actor, "timing_s/sync": t_sync,
-            "timing_s/step": time.perf_counter() - t_step,
+        # ---- log (over the whole step: every dp rank's rows), validate, checkpoint -----------------------
+        corr = ops.rollout_correction_metrics(*(dist_cat_rows(t, group=dp)
+                                                for t in (old_logprobs, batch.rollout_logprobs, mask)))
+        timing["timing_s/step"] = time.perf_counter() - t_step
+        counts = {k: scored.metrics[k] for k in ("reward/timeouts", "reward/errors")}  # failed reward calls
+        counts["perf/total_num_tokens"] = sum(lengths)
+        local = timing | {k: v.item() for k, v in kl_metrics.items()}
+        explained = 1.0 - (dist_masked_var(returns - old_values, mask, group=dp)
+                           / (dist_masked_var(returns, mask, group=dp) + 1e-5)).item()
+        metrics = {
+            **dist_batch_metrics(scores, rewards.sum(-1), advantages, mask, batch.response_lengths,
+                                 max_response_len=args.max_response_len, group=dp),
+            **dist_mean_max_min({"critic/returns": (returns, mask), "critic/values": (old_values, mask)},
+                                group=dp),
+            **all_reduce_scalars(stats, mean=False, device=device),  # shares of world-wide normalizers
+            **all_reduce_scalars(counts, mean=False, device=device, group=dp),  # over every dp rank
+            **all_reduce_scalars(local, mean=True, device=device),
+            **{k: v.item() for k, v in corr.items()},
+            "critic/vf_explained_var": explained, "critic/lr": critic_opt.param_groups[0]["lr"],
+            **{f"{k}/grad_norm": sum(v) / len(v) for k, v in grad_norms.items()},
         }
-        metrics = {**all_reduce_scalars(local, mean=True, device=device), **kl_metrics,
-                   **all_reduce_scalars(stats, mean=False, device=device),
-                   "critic/vf_explained_var": 1.0 - var["d"] / (var["r"] + 1e-5),
-                   **global_stats({"critic/score": (scores, ones), "critic/rewards": (rewards.sum(-1), ones),
-                                   "critic/advantages": (advantages, mask), "critic/returns": (returns, mask),
-                                   "critic/values": (old_values, mask), "response_length": (lens.float(), ones)})}
-        metrics["perf/total_num_tokens"] = all_reduce_scalars({"t": sum(lengths)}, mean=False, device=device)["t"]
+        if "actor" in grad_norms:
+            metrics["actor/lr"] = optimizer.param_groups[0]["lr"]
         metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"] / world
+        if args.val_prompts and (step == args.steps or (args.val_every and step % args.val_every == 0)):
+            metrics.update(validation(step))
         log_metrics(log, step, metrics)
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            save_checkpoint(critic_root, step, model=critic, optimizer=critic_opt, extra_state={}, keep_last=2)
-            save_checkpoint(actor_root, step, model=model, optimizer=optimizer, keep_last=2,
-                            extra_state={"step": step, "sampler": sampler.to_dict()})
+            save_checkpoint(critic_root, step, model=critic, optimizer=critic_opt, extra_state={},
+                            keep_last=args.keep_checkpoints)
+            save_checkpoint(actor_root, step, model=model, optimizer=optimizer,
+                            extra_state={"step": step, "sampler": sampler.to_dict()},
+                            keep_last=args.keep_checkpoints)
 
     export_hf(model, out_dir / "hf", tokenizer=tokenizer)
     export_hf(critic, out_dir / "critic_hf", tokenizer=tokenizer)
+    scorer.close()
     close_run_log(log)
+    engine = None  # vLLM's teardown needs the process group: free the engine first
+    gc.collect()
     shutdown(ctx)
 
 
 if __name__ == "__main__":
     main(parse_args(Args))
-    os._exit(0)  # the embedded engine's teardown at interpreter exit is slow and can hang; all is flushed

@@ -1,4 +1,5 @@
-"""recipes/ppo.py: two steps under torchrun with 2 processes on the tiny random chat model, then a resume.
+"""recipes/ppo.py: two steps under torchrun with 2 processes sharing one engine (--tp 2) on the tiny random
+chat model, then a resume.
 
 The tiny model never solves arithmetic, so a reward function in a file (length parity of the reply) gives
 nonzero returns for the critic to fit. The KL-in-reward path is on (--kl-coef): the penalty is exactly 0
@@ -16,8 +17,8 @@ from tests.recipes.conftest import metric_lines, run_recipe
 
 pytest.importorskip("vllm")
 
-FLAGS = ["--prompts-per-rank", "4", "--max-response-len", "16", "--kv-cache-gb", "0.1", "--kl-coef", "0.01",
-         "--lr", "1e-4", "--critic-lr", "1e-3"]
+FLAGS = ["--tp", "2", "--prompts-per-rank", "4", "--max-response-len", "16", "--kv-cache-gb", "0.1",
+         "--kl-coef", "0.01", "--lr", "1e-4", "--critic-lr", "1e-3", "--val-prompts", "4"]
 ACTOR = ("actor/pg_loss", "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl", "actor/grad_norm",
          "timing_s/update_actor")
 CRITIC = ("critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/grad_norm",
@@ -25,7 +26,7 @@ CRITIC = ("critic/vf_loss", "critic/vf_clipfrac", "critic/vpred_mean", "critic/g
 DATA = tuple(f"{k}/{f}" for k in ("critic/score", "critic/rewards", "critic/advantages", "critic/returns",
                                   "critic/values", "response_length") for f in ("mean", "max", "min")) + (
     "actor/reward_kl_penalty", "actor/reward_kl_penalty_coeff", "rollout_corr/kl", "timing_s/gen",
-    "timing_s/old_log_prob", "perf/throughput")
+    "timing_s/old_log_prob", "timing_s/update_weights", "perf/throughput", "response_length/clip_ratio")
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +42,19 @@ def run(tiny_chat_model, tmp_path_factory):
     return out, first, metric_lines(out)
 
 
+def train(lines: list[dict]) -> list[dict]:
+    return [m for m in lines if "critic/score/mean" in m]
+
+
 def finite(m: dict, keys) -> None:
     for key in keys:
         assert key in m and m[key] is not None and math.isfinite(m[key]), (key, m.get(key))
 
 
 def test_two_steps_log_verl_metrics(run):
-    _, lines, _ = run
+    _, all_lines, _ = run
+    assert [m["step"] for m in all_lines if "val-core/rlprims/arithmetic/acc/mean@1" in m] == [0, 2]
+    lines = train(all_lines)
     assert [m["step"] for m in lines] == [1, 2]
     for m in lines:
         finite(m, ACTOR + CRITIC + DATA)
@@ -61,11 +68,12 @@ def test_two_steps_log_verl_metrics(run):
 
 
 def test_resume_and_critic_warmup(run):
-    _, first, lines = run
+    _, first, all_lines = run
+    assert all_lines[: len(first)] == first  # the resumed run keeps the log up to its checkpoint
+    lines = train(all_lines)
     assert [m["step"] for m in lines] == [1, 2, 3]
-    assert lines[:2] == first  # the resumed run keeps the log up to its checkpoint
     finite(lines[2], CRITIC + DATA)
-    assert "actor/pg_loss" not in lines[2] and lines[2]["timing_s/update_actor"] == 0.0  # warm-up: critic only
+    assert "actor/pg_loss" not in lines[2] and "timing_s/update_actor" not in lines[2]  # warm-up: critic only
     assert lines[2]["rollout_corr/kl"] < 1e-4  # the engine was re-synced with the resumed trainer
 
 
