@@ -32,9 +32,9 @@ Deliberate departures from the papers / verl:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ from rlprims.models.packed import register_packed_attention
 from rlprims.ops import micro_batch_partition, num_micro_batches, pack_sequences
 from rlprims.parallel import all_reduce_scalars, build_mesh, shard_model
 from rlprims.rollout import default_model_path
+from rlprims.schedules import cosine_lr_factor
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Args:
     """AdamW weight decay."""
     warmup_ratio: float = 0.1
     """Fraction of the steps with a linear warmup from 0."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays from lr to min_lr_ratio * lr at the last step."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
     max_tokens_per_micro_batch: int = 8192
@@ -115,19 +118,21 @@ def main(args: Args) -> None:
     pad_id = model.config.pad_token_id
     shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if compute != dtype else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    warmup = int(args.warmup_ratio * args.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: s / warmup if s < warmup else 0.5 * (
-        1 + math.cos(math.pi * min((s - warmup) / max(1, args.steps - warmup), 1.0))))
+    lr_factor = partial(cosine_lr_factor, warmup_steps=int(args.warmup_ratio * args.steps),
+                        total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)  # warmup, then cosine
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     def pairs_of(rows):
-        """Token ids of (chosen, rejected) per row, trailing pad tokens dropped; pairs over max_len left out."""
+        """Token ids of (chosen, rejected) per row, trailing pad tokens dropped; pairs over max_len left
+        out."""
         def strip(ids):
             return ids[: max(i + 1 for i, t in enumerate(ids) if t != pad_id)]
         tokens = [preference_tokens(tokenizer, r) for r in rows]
         pairs = [(strip(t.chosen.input_ids), strip(t.rejected.input_ids)) for t in tokens]
         return [p for p in pairs if max(map(len, p)) <= args.max_len]
 
-    rows = read_preference_parquet(args.train_files) if args.train_files else arithmetic_preference_rows(2048, seed=0)
+    rows = (read_preference_parquet(args.train_files) if args.train_files
+            else arithmetic_preference_rows(2048, seed=0))
     val_rows = (read_preference_parquet(args.val_files) if args.val_files
                 else arithmetic_preference_rows(args.val_pairs, seed=1, split="test"))[: args.val_pairs]
     data, val = pairs_of(rows), pairs_of(val_rows)
@@ -149,12 +154,14 @@ def main(args: Args) -> None:
         backward); a rank without pairs gets a dummy pair, and an empty micro-batch reruns pair 0: both
         contribute zero loss."""
         lengths = [len(c) + len(r) for c, r in pairs] or [4]
-        count = torch.tensor([num_micro_batches(lengths, max_tokens=args.max_tokens_per_micro_batch)], device=device)
+        budget = args.max_tokens_per_micro_batch
+        count = torch.tensor([num_micro_batches(lengths, max_tokens=budget)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return micro_batch_partition(lengths, max_tokens=args.max_tokens_per_micro_batch, min_micro_batches=int(count))
+        return micro_batch_partition(lengths, max_tokens=budget, min_micro_batches=int(count))
 
     def rewards(pairs, part):
-        """r(chosen), r(rejected) [k] of the pairs in `part` from one packed forward, and which of them count."""
+        """r(chosen), r(rejected) [k] of the pairs in `part` from one packed forward, and which of them
+        count."""
         rows = part or [0]
         counted = torch.tensor([bool(part) and i < len(pairs) for i in rows], device=device)
         source = pairs or [([pad_id] * 2, [pad_id] * 2)]
@@ -165,8 +172,9 @@ def main(args: Args) -> None:
             ids[i, : len(s)], attention[i, : len(s)] = torch.tensor(s, device=device), True
         packed = pack_sequences(ids, attention)
         out = model(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None], use_cache=False,
-                    output_hidden_states=True, cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
-                    max_length_q=packed.max_seqlen, max_length_k=packed.max_seqlen)
+                    output_hidden_states=True, cu_seq_lens_q=packed.cu_seqlens,
+                    cu_seq_lens_k=packed.cu_seqlens, max_length_q=packed.max_seqlen,
+                    max_length_k=packed.max_seqlen)
         # the head on each sequence's last token (FSDP2 keeps the root's weights gathered after its forward)
         r = model.score(out.hidden_states[-1][0][packed.cu_seqlens[1:].long() - 1]).squeeze(-1).float()
         return r[: len(counted)], r[len(counted):], counted
@@ -213,7 +221,8 @@ def main(args: Args) -> None:
 
         metrics = {f"rm/{k}": v for k, v in all_reduce_scalars(stats, mean=False, device=device).items()}
         metrics["rm/lr"] = lr
-        metrics["rm/grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        metrics["rm/grad_norm"] = grad_norm.item()
         metrics["timing_s/step"] = time.perf_counter() - t0
         if args.val_pairs and (step == args.steps or (args.val_every and step % args.val_every == 0)):
             metrics.update(validate())
@@ -221,7 +230,8 @@ def main(args: Args) -> None:
         if step == args.steps or (args.save_every and step % args.save_every == 0):
             save_checkpoint(out_dir / "checkpoints", step, model=model, optimizer=optimizer,
                             extra_state={"step": step, "sampler": sampler.to_dict(),
-                                         "scheduler": scheduler.state_dict()}, keep_last=args.keep_checkpoints)
+                                         "scheduler": scheduler.state_dict()},
+                            keep_last=args.keep_checkpoints)
 
     export_hf(model, out_dir / "hf", tokenizer=tokenizer)
     close_run_log(log)

@@ -28,9 +28,9 @@ Deliberate departures from verl:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,14 +38,15 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from rlprims.data import (SFTTokens, SamplerState, arithmetic_sft_rows, next_indices, read_sft_parquet, sampler_init,
-                          sft_tokens)
+from rlprims.data import (SFTTokens, SamplerState, arithmetic_sft_rows, next_indices, read_sft_parquet,
+                          sampler_init, sft_tokens)
 from rlprims.launch import init, parse_args, shutdown
 from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
 from rlprims.models.packed import register_packed_attention, response_logprobs
 from rlprims.ops import aggregate_token_mean, masked_sum, micro_batch_partition, num_micro_batches
 from rlprims.parallel import all_reduce_scalars, build_mesh, shard_model, step_loss_normalizers
 from rlprims.rollout import default_model_path
+from rlprims.schedules import cosine_lr_factor
 
 
 @dataclass
@@ -107,15 +108,10 @@ def main(args: Args) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                  attn_implementation=register_packed_attention()).to(device)
     shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if compute != dtype else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    warmup = int(args.warmup_ratio * args.steps)
-
-    def lr_factor(s: int) -> float:  # s optimizer steps done: linear warmup, then cosine to min_lr_ratio
-        if s < warmup:
-            return s / warmup
-        progress_ = (s - warmup) / max(1, args.steps - warmup)
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
-
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay)
+    lr_factor = partial(cosine_lr_factor, warmup_steps=int(args.warmup_ratio * args.steps),
+                        total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)  # warmup, then cosine
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     rows = read_sft_parquet(args.train_files) if args.train_files else arithmetic_sft_rows(2048, seed=0)
@@ -138,18 +134,21 @@ def main(args: Args) -> None:
 
     def micro_batches(examples):
         """Padded tensors and a packing plan with the same number of micro-batches on every rank (FSDP2
-        runs collectives in each forward/backward). A rank without examples gets a dummy row, counted nowhere."""
+        runs collectives in each forward/backward). A rank without examples gets a dummy row, counted
+        nowhere."""
         examples = examples or [SFTTokens([pad_id, pad_id], [False, False])]
         lengths = [len(e.input_ids) for e in examples]
         ids = torch.full((len(examples), max(lengths)), pad_id, dtype=torch.long)
-        loss_mask, attention = torch.zeros(ids.shape, dtype=torch.bool), torch.zeros(ids.shape, dtype=torch.bool)
+        loss_mask = torch.zeros(ids.shape, dtype=torch.bool)
+        attention = torch.zeros(ids.shape, dtype=torch.bool)
         for i, e in enumerate(examples):
             ids[i, : lengths[i]] = torch.tensor(e.input_ids)
             loss_mask[i, : lengths[i]] = torch.tensor(e.loss_mask)
             attention[i, : lengths[i]] = True
-        count = torch.tensor([num_micro_batches(lengths, max_tokens=args.max_tokens_per_micro_batch)], device=device)
+        budget = args.max_tokens_per_micro_batch
+        count = torch.tensor([num_micro_batches(lengths, max_tokens=budget)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        plan = micro_batch_partition(lengths, max_tokens=args.max_tokens_per_micro_batch, min_micro_batches=int(count))
+        plan = micro_batch_partition(lengths, max_tokens=budget, min_micro_batches=int(count))
         return ids.to(device), attention.to(device), loss_mask.to(device), plan
 
     def nll(ids, attention, loss_mask, part):
@@ -178,11 +177,12 @@ def main(args: Args) -> None:
     while step < args.steps:
         step += 1
         t0 = time.perf_counter()
-        picked, sampler = next_indices(sampler, len(data), batch_size=args.batch_size, rank=rank, world_size=world,
-                                       seed=args.seed)
+        picked, sampler = next_indices(sampler, len(data), batch_size=args.batch_size, rank=rank,
+                                       world_size=world, seed=args.seed)
         ids, attention, loss_mask, plan = micro_batches([data[i] for i in picked])
         norms = step_loss_normalizers([loss_mask[part] for part in plan if part])
-        stats = {"train/loss": 0.0, "perf/total_num_tokens": float(sum(len(data[i].input_ids) for i in picked))}
+        tokens = float(sum(len(data[i].input_ids) for i in picked))
+        stats = {"train/loss": 0.0, "perf/total_num_tokens": tokens}
         for part in progress(plan, desc=f"step {step}", rank=rank):
             loss, mask = nll(ids, attention, loss_mask, part)
             loss = aggregate_token_mean(loss, mask, num_tokens=norms.num_tokens)
@@ -196,7 +196,8 @@ def main(args: Args) -> None:
 
         metrics = all_reduce_scalars(stats, mean=False, device=device)
         metrics["train/lr"] = lr
-        metrics["train/grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        metrics["train/grad_norm"] = grad_norm.item()
         metrics["timing_s/step"] = time.perf_counter() - t0
         metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"] / world
         if args.val_rows and (step == args.steps or (args.val_every and step % args.val_every == 0)):
@@ -205,7 +206,8 @@ def main(args: Args) -> None:
         if step == args.steps or (args.save_every and step % args.save_every == 0):
             save_checkpoint(out_dir / "checkpoints", step, model=model, optimizer=optimizer,
                             extra_state={"step": step, "sampler": sampler.to_dict(),
-                                         "scheduler": scheduler.state_dict()}, keep_last=args.keep_checkpoints)
+                                         "scheduler": scheduler.state_dict()},
+                            keep_last=args.keep_checkpoints)
 
     export_hf(model, out_dir / "hf", tokenizer=tokenizer)
     close_run_log(log)

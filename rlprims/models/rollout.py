@@ -25,7 +25,9 @@ def _rows(batch: RolloutBatch, rows: Sequence[int]) -> tuple[Tensor, Tensor, Ten
     return seqs.input_ids[idx], seqs.attention_mask[idx], seqs.response_mask[idx]
 
 
-def rows_logprobs(model: nn.Module, batch: RolloutBatch, rows: Sequence[int], *, temperature: float) -> Tensor:
+def rows_logprobs(
+    model: nn.Module, batch: RolloutBatch, rows: Sequence[int], *, temperature: float
+) -> Tensor:
     """log π(response_ids[r, t]) for each row r of `rows` (with gradient), 0 off the response mask.
 
     Shapes: batch with responses [B, R], rows k indices -> [k, R] fp32.
