@@ -89,7 +89,7 @@ class RunArgs:
     val_prompts: int = 64
     """Held-out prompts to validate on (0 = no validation)."""
     val_n: int = 1
-    """Responses per held-out prompt: val-core/<data_source>/acc/mean@N (and best@N, maj@N for N > 1)."""
+    """Responses sampled per validation prompt: the N of mean@N (and best@N, maj@N when N > 1)."""
     val_temperature: float = 0.0
     """Validation sampling temperature; 0 = greedy (needs val_n = 1)."""
     val_every: int = 10

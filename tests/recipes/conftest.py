@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,28 @@ def run_recipe(recipe: str, out: Path, *flags: str, nproc: int = 2, timeout: flo
 
 def metric_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def documented_metrics() -> list[re.Pattern]:
+    """The metric names of docs/metrics.md's tables (first column), as patterns: `a/b/mean`, `/max` is
+    a/b/max; `x_mean`, `_max` is x_max; <data_source> and N are placeholders."""
+    names = []
+    for line in (REPO / "docs" / "metrics.md").read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        prev = ""
+        for name in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if name.startswith(("/", "_")):
+                name = prev[: prev.rfind(name[0])] + name
+            else:
+                prev = name
+            names.append(name)
+    return [re.compile(re.escape(n).replace("<data_source>", ".+").replace("@N", "@[0-9]+")) for n in names]
+
+
+def assert_documented(lines: list[dict]) -> None:
+    """Every name a run logged is in docs/metrics.md (one name per quantity, documented)."""
+    patterns = documented_metrics()
+    logged = {k for m in lines for k in m if k != "step"}
+    missing = sorted(k for k in logged if not any(p.fullmatch(k) for p in patterns))
+    assert not missing, f"logged but not in docs/metrics.md: {missing}"

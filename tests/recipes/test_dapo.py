@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from tests.recipes.conftest import metric_lines, run_recipe
+from tests.recipes.conftest import assert_documented, metric_lines, run_recipe
 
 pytest.importorskip("vllm")
 
@@ -41,6 +41,7 @@ def run(tiny_chat_model, tmp_path_factory):
 
 def test_metrics(run):
     _, all_lines = run
+    assert_documented(all_lines)
     assert [m["step"] for m in all_lines if "val-core/rlprims/arithmetic/acc/mean@1" in m] == [0, 2]
     lines = [m for m in all_lines if "critic/score/mean" in m]
     assert [m["step"] for m in lines] == [1, 2]

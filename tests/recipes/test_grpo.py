@@ -24,7 +24,7 @@ import pytest
 
 from tests._procs import kill_tree
 
-from tests.recipes.conftest import REPO, TORCHRUN, metric_lines, run_recipe
+from tests.recipes.conftest import assert_documented, metric_lines, REPO, run_recipe, TORCHRUN
 
 pytest.importorskip("vllm")
 
@@ -52,6 +52,7 @@ def reference(tiny_chat_model, tmp_path_factory):
 
 def test_logs_verl_metrics_every_step(reference):
     out, lines = reference
+    assert_documented(lines)
     train = [m for m in lines if "critic/score/mean" in m]
     assert [m["step"] for m in train] == list(range(1, STEPS + 1))
     for m in train:

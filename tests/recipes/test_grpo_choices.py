@@ -11,7 +11,7 @@ import typing
 import pytest
 
 from tests.recipes._grpo_choices import RUNS, load_recipe
-from tests.recipes.conftest import REPO, metric_lines
+from tests.recipes.conftest import assert_documented, metric_lines, REPO
 
 
 def test_every_choice_is_a_dict_entry_and_every_entry_is_run():
@@ -47,6 +47,7 @@ def runs(tiny_chat_model, tmp_path_factory):
 
 
 def test_one_step_of_every_choice(runs):
+    assert_documented([m for lines in runs for m in lines])
     for flags, lines in zip(RUNS, runs):
         step = next(m for m in lines if m["step"] == 1 and "critic/score/mean" in m)
         keys = ["critic/score/mean", "critic/advantages/max", "response_length/clip_ratio", "actor/lr",

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from tests.recipes.conftest import metric_lines, run_recipe
+from tests.recipes.conftest import assert_documented, metric_lines, run_recipe
 
 pytest.importorskip("vllm")
 
@@ -52,7 +52,8 @@ def finite(m: dict, keys) -> None:
 
 
 def test_two_steps_log_verl_metrics(run):
-    _, all_lines, _ = run
+    _, all_lines, resumed = run
+    assert_documented(all_lines + resumed)
     assert [m["step"] for m in all_lines if "val-core/rlprims/arithmetic/acc/mean@1" in m] == [0, 2]
     lines = train(all_lines)
     assert [m["step"] for m in lines] == [1, 2]

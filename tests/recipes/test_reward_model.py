@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.recipes.conftest import metric_lines, run_recipe
+from tests.recipes.conftest import assert_documented, metric_lines, run_recipe
 
 VAL_PAIRS = 8
 
@@ -23,6 +23,7 @@ def run(tiny_chat_model, tmp_path_factory):
 
 def test_metrics(run):
     _, lines = run
+    assert_documented(lines)
     steps = [m for m in lines if "rm/loss" in m]
     assert [m["step"] for m in steps] == [1, 2]
     for m in steps:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from tests.recipes.conftest import metric_lines, run_recipe
+from tests.recipes.conftest import assert_documented, metric_lines, run_recipe
 
 pytest.importorskip("vllm")
 
@@ -36,6 +36,7 @@ def run(tiny_chat_model, tmp_path_factory):
 
 def test_metrics(run):
     _, lines = run
+    assert_documented(lines)
     steps = [m for m in lines if "actor/pg_loss" in m]
     assert [m["step"] for m in steps] == [1, 2]
     for m in steps:

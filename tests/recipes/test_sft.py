@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.recipes.conftest import metric_lines, run_recipe
+from tests.recipes.conftest import assert_documented, metric_lines, run_recipe
 
 FLAGS = ["--steps", "3", "--save-every", "2", "--batch-size", "4", "--val-rows", "6", "--val-every", "2",
          "--lr", "1e-3", "--warmup-ratio", "0.34", "--max-tokens-per-micro-batch", "160"]
@@ -28,6 +28,7 @@ def run(tiny_chat_model, tmp_path_factory):
 
 def test_metrics(run):
     _, lines, _ = run
+    assert_documented(lines)
     steps = [m for m in lines if "train/loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     for m in steps:
