@@ -84,6 +84,8 @@ def validation_metrics(
 ) -> dict[str, float]:
     """`val-core/<data_source>/acc/<metric>`: each prompt's `prompt_validation_metrics`, averaged over the
     prompts of each data source on every rank of `group` (one all_gather_object; a rank may hold none).
+    Also `val-aux/<data_source>/acc/mean@n/stderr`, the standard error of mean@n over the prompts
+    (std with ddof=1 / sqrt(P); NaN for one prompt), and `val-aux/<data_source>/num_prompts`.
 
     Rows i·n .. i·n + n − 1 of `scores` (and `preds`) are prompt i's samples; data_sources[i] its source.
     Equals the single-process result on all ranks' prompts together (tested).
@@ -110,8 +112,14 @@ def validation_metrics(
         for src, metrics in rank_rows:
             for name, value in metrics.items():
                 per_source[src][name].append(value)
-    return {f"val-core/{src}/acc/{name}": float(np.mean(vals))
-            for src, by_name in sorted(per_source.items()) for name, vals in by_name.items()}
+    out = {f"val-core/{src}/acc/{name}": float(np.mean(vals))
+           for src, by_name in sorted(per_source.items()) for name, vals in by_name.items()}
+    for src, by_name in sorted(per_source.items()):  # how far mean@n could move by the prompts drawn
+        vals = by_name[f"mean@{n}"]
+        sem = float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else float("nan")
+        out[f"val-aux/{src}/acc/mean@{n}/stderr"] = sem
+        out[f"val-aux/{src}/num_prompts"] = float(len(vals))
+    return out
 
 
 class ValidationResult(NamedTuple):

@@ -212,11 +212,12 @@ def test_validation_metrics_equal_one_process(ranks):
     scores, preds = _val_data()
     expected = validation_metrics(scores, VAL_SOURCES, n=VAL_N, group=None, preds=preds)
     assert set(expected) == {f"val-core/{s}/acc/{m}" for s in "abc"
-                             for m in ("mean@4", "best@4/mean", "maj@4/mean")}
+                             for m in ("mean@4", "best@4/mean", "maj@4/mean")} | {
+        f"val-aux/{s}/{m}" for s in "abc" for m in ("acc/mean@4/stderr", "num_prompts")}
     for res in results:
         assert res["val"].keys() == expected.keys()
         for k, v in expected.items():
-            assert res["val"][k] == pytest.approx(v, rel=1e-12), k
+            assert res["val"][k] == pytest.approx(v, rel=1e-12, nan_ok=True), k
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,6 +289,10 @@ def test_prompt_metrics_match_verl():
         assert got["maj@5/mean"] == _verl_bootstrap(vote, 5, _verl_maj)
         assert 0.0 < got["maj@5/mean"] < got["best@5/mean"] < 1.0
         assert prompt_validation_metrics([0.5]) == {"mean@1": 0.5}
+        # the standard error of mean@1 over 4 prompts scored 1, 0, 1, 1: std(ddof=1) / 2
+        four = validation_metrics(torch.tensor([1.0, 0.0, 1.0, 1.0]), ["s"] * 4, n=1, group=None)
+        assert four["val-core/s/acc/mean@1"] == 0.75 and four["val-aux/s/num_prompts"] == 4.0
+        assert four["val-aux/s/acc/mean@1/stderr"] == pytest.approx(0.5 / 2)
         assert "maj@2/mean" not in prompt_validation_metrics([0.0, 1.0])  # no preds: no vote (as verl)
     finally:
         np.random.set_state(state)
