@@ -45,7 +45,8 @@ sys.path.insert(0, _REPO)
 from benchmarks.weight_sync import GEOMETRIES  # noqa: E402  (Qwen2 geometries shared with that benchmark)
 
 PHASES = ("gen", "reward", "old_log_prob", "adv", "update_actor", "update_weights")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
 
 
 def constant_score(data_source, solution_str, ground_truth, extra_info=None) -> float:
@@ -128,7 +129,8 @@ def run_recipe(args, model_dir: str, out_dir: str, log_path: str) -> tuple[list[
         raise SystemExit(f"grpo_step.py: the recipe failed (exit code {proc.returncode}); log above")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r.get("step", 0) >= 1 and "timing_s/step" in r], wall, memory.peak, memory.baseline
+    steps = [r for r in rows if r.get("step", 0) >= 1 and "timing_s/step" in r]
+    return steps, wall, memory.peak, memory.baseline
 
 
 def standalone(args) -> dict:
@@ -143,7 +145,8 @@ def standalone(args) -> dict:
     from rlprims.launch.sizing import fit_to_memory, model_geometry
 
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    flags = SimpleNamespace(max_prompt_len=128, max_response_len=args.response_len, gpu_memory_utilization=0.4)
+    flags = SimpleNamespace(max_prompt_len=128, max_response_len=args.response_len,
+                            gpu_memory_utilization=0.4)
     fit = fit_to_memory(flags, model_geometry(args.model_dir), world_size=1, rows=args.prompts * args.n,
                         total_memory=torch.cuda.get_device_properties(0).total_memory)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -151,7 +154,8 @@ def standalone(args) -> dict:
                                                  max_len=128)[: args.prompts]]
     t0 = time.perf_counter()
     llm = LLM(model=args.model_dir, dtype="bfloat16", max_model_len=128 + args.response_len, seed=0,
-              kv_cache_memory_bytes=fit.kv_cache_bytes, enforce_eager=False, logprobs_mode="processed_logprobs")
+              kv_cache_memory_bytes=fit.kv_cache_bytes, enforce_eager=False,
+              logprobs_mode="processed_logprobs")
     start = time.perf_counter() - t0
     requests = [{"prompt_token_ids": p} for p in prompts]
 
@@ -227,12 +231,14 @@ def main(argv=None) -> None:
         log_path = os.path.join(args.work_dir, f"recipe-{size}.log")
         rows, wall, peak, baseline = run_recipe(args, model_dir, out_dir, log_path)
         if args.out:
-            shutil.copy(os.path.join(out_dir, "metrics.jsonl"), os.path.join(args.out, f"metrics-{size}.jsonl"))
+            shutil.copy(os.path.join(out_dir, "metrics.jsonl"),
+                        os.path.join(args.out, f"metrics-{size}.jsonl"))
             shutil.copy(log_path, os.path.join(args.out, f"recipe-{size}.log"))
         measured = rows[1:] or rows
-        mean = {k: statistics.mean(r[k] for r in measured) for k in measured[0] if isinstance(measured[0][k], float)
-                or isinstance(measured[0][k], int)}
-        row = dict(size=size, params_b=round(params / 1e9, 3), steps=f"{measured[0]['step']}-{measured[-1]['step']}",
+        mean = {k: statistics.mean(r[k] for r in measured) for k in measured[0]
+                if isinstance(measured[0][k], (int, float))}
+        row = dict(size=size, params_b=round(params / 1e9, 3),
+                   steps=f"{measured[0]['step']}-{measured[-1]['step']}",
                    step_s=round(mean["timing_s/step"], 2), recipe_wall_s=round(wall, 1))
         for ph in PHASES:
             row[f"{ph}_s"] = round(mean.get(f"timing_s/{ph}", 0.0), 2)
@@ -244,7 +250,8 @@ def main(argv=None) -> None:
         standalone_on = args.standalone if args.standalone is not None else size == "0.5b"
         if standalone_on:
             cmd = [sys.executable, os.path.abspath(__file__), "--standalone-model", model_dir,
-                   "--prompts", str(args.prompts), "--n", str(args.n), "--response-len", str(args.response_len)]
+                   "--prompts", str(args.prompts), "--n", str(args.n),
+                   "--response-len", str(args.response_len)]
             env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.recipe_timeout)
             found = [x[11:] for x in proc.stdout.splitlines() if x.startswith("STANDALONE ")]

@@ -25,7 +25,8 @@ Jobs are SIZE:VARIANT:BUDGET triples (--jobs); the defaults measure the 0.5B geo
 zeroing) must agree across the variants of one size (same data, same initial weights).
 
     PYTHONPATH=. python benchmarks/micro_batch.py
-    PYTHONPATH=. python benchmarks/micro_batch.py --jobs tiny:base:64,tiny:gather:64 --seqs 8 --response-len 16
+    PYTHONPATH=. python benchmarks/micro_batch.py --jobs tiny:base:64,tiny:gather:64 --seqs 8 \\
+        --response-len 16
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ def profile(model, data, plan, device, out_dir, **kw):
     syncs = {e.key: (e.count, round(e.cpu_time_total / 1e3, 1)) for e in ka
              if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
                           "aten::item", "cudaMemcpyAsync", "aten::nonzero", "cudaLaunchKernel",
-                          "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaEventSynchronize")}
+                          "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
+                          "cudaEventSynchronize")}
     fsdp = {e.key: round(e.cpu_time_total / 1e3, 1) for e in ka if e.key.startswith("FSDP::")}
     pr = cProfile.Profile()
     sync(device)
@@ -253,7 +255,8 @@ def profile(model, data, plan, device, out_dir, **kw):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jobs", default=DEFAULT_JOBS, help=f"SIZE:VARIANT:BUDGET,...; sizes {sorted(GEOMETRIES)}, "
+    p.add_argument("--jobs", default=DEFAULT_JOBS,
+                   help=f"SIZE:VARIANT:BUDGET,...; sizes {sorted(GEOMETRIES)}, "
                    f"variants {VARIANTS}")
     p.add_argument("--vocab", type=int, default=49152, help="vocabulary size, except 7b (0 = the geometry's)")
     p.add_argument("--seqs", type=int, default=128, help="rows in the measured mini-batch")
@@ -269,7 +272,8 @@ def main(argv=None) -> None:
     ctx = init(seed=0)
     device = ctx.device
     peak = bf16_peak_tflops(device)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}, "
           f"bf16 matmul {peak:.0f} TFLOP/s", flush=True)
     os.makedirs(args.out, exist_ok=True)
     jobs = []
@@ -292,7 +296,8 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
         print("ROW " + json.dumps(row), flush=True)
         table.append(row)
-    cols = ["size", "variant", "budget", "micro_batches", "s_per_micro_batch", "update_s", "tokens_per_s", "mfu",
+    cols = ["size", "variant", "budget", "micro_batches", "s_per_micro_batch", "update_s", "tokens_per_s",
+            "mfu",
             "peak_alloc_gib", "act_kib_per_token", "grad_norm", "warmup_s", "error"]
     cols = [c for c in cols if any(c in r for r in table)]
     print(f"# micro-batch cost, {time.strftime('%Y-%m-%d')}, vocab {args.vocab} (7b: its own), "

@@ -23,9 +23,9 @@ The memory model (per rank, bytes; P parameters, L layers, hidden H, MLP width I
   activations   T · L · (24 H + 7 I) · 1.15 per micro-batch of T tokens, no checkpointing
                 T · (4 L H + 2 (24 H + 7 I)) with checkpointing
   reserve       4 GiB + 8 · V · H           CUDA context, allocator slack, LM-head gradient buffers
-The activation coefficients were measured with `benchmarks/micro_batch.py` on an H200 (docs/benchmarks.md:
-0.5B 1.48–1.58 MB/token without checkpointing, 0.15–0.16 MB with; 1.5B 3.1–3.3 MB and 0.35 MB); the
-formula is within 5 % of those above and conservative below.
+The activation coefficients come from `benchmarks/micro_batch.py` on an H200 (docs/benchmarks.md: 0.5B
+1,478–1,582 KiB/token without checkpointing, 148–161 with; 1.5B 3,093–3,277 and 353): the formula gives
+1,497 and 3,127 KiB/token without checkpointing (within 5 %) and 192 and 362 with it (at or above).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ __all__ = ["DeviceFit", "ModelGeometry", "fit_to_device", "fit_to_memory", "mode
 GiB = 1 << 30
 CPU_KV_CACHE_BYTES = GiB // 2  # the recipes' CPU default (taken from RAM per engine)
 CPU_MICRO_BATCH_TOKENS = 8192  # the recipes' CPU default
-MIN_MICRO_BATCH_TOKENS = 16384  # below this a 0.5B micro-batch is bound by host work (benchmarks/micro_batch.py)
+MIN_MICRO_BATCH_TOKENS = 16384  # below, a 0.5B micro-batch is bound by host work (benchmarks/micro_batch.py)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

@@ -24,8 +24,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} names no decoder-layer classes in _no_split_modules ({sorted(names)}) that "
-            "occur in the model; shard_model expects a transformers PreTrainedModel"
+            f"{type(model).__name__} names no decoder-layer classes in _no_split_modules ({sorted(names)}) "
+            "that occur in the model; shard_model expects a transformers PreTrainedModel"
         )
     return layers
 
