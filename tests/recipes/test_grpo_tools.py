@@ -18,10 +18,32 @@ pytest.importorskip("vllm")
 pytest.importorskip("pebble")
 
 STEPS = 2
-FLAGS = ["--steps", str(STEPS), "--prompts-per-rank", "2", "--group-size", "4", "--max-response-len", "24",
-         "--max-turn-len", "12", "--kv-cache-gb", "0.1", "--val-prompts", "4", "--val-every", "2",
-         "--save-every", "2", "--lr", "1e-3", "--tool-workers", "1",
-         "--reward-fn", str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share"]
+FLAGS = [
+    "--steps",
+    str(STEPS),
+    "--prompts-per-rank",
+    "2",
+    "--group-size",
+    "4",
+    "--max-response-len",
+    "24",
+    "--max-turn-len",
+    "12",
+    "--kv-cache-gb",
+    "0.1",
+    "--val-prompts",
+    "4",
+    "--val-every",
+    "2",
+    "--save-every",
+    "2",
+    "--lr",
+    "1e-3",
+    "--tool-workers",
+    "1",
+    "--reward-fn",
+    str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share",
+]
 
 
 def test_two_steps_log_tool_metrics_and_stay_on_policy(tiny_chat_model, tmp_path):
@@ -30,12 +52,28 @@ def test_two_steps_log_tool_metrics_and_stay_on_policy(tiny_chat_model, tmp_path
     train = [m for m in lines if "critic/score/mean" in m]
     assert [m["step"] for m in train] == list(range(1, STEPS + 1))
     for m in train:
-        for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "response_length/mean",
-                    "response_length/model_tokens_mean", "tool/call_rate", "tool/error_rate", "num_turns/mean",
-                    "finish/stop", "finish/length", "timing_s/gen", "timing_s/update_actor", "timing_s/sync"):
+        for key in (
+            "actor/pg_loss",
+            "actor/entropy",
+            "actor/grad_norm",
+            "response_length/mean",
+            "response_length/model_tokens_mean",
+            "tool/call_rate",
+            "tool/error_rate",
+            "num_turns/mean",
+            "finish/stop",
+            "finish/length",
+            "timing_s/gen",
+            "timing_s/update_actor",
+            "timing_s/update_weights",
+            "reward/errors",
+            "perf/throughput",
+        ):
             assert key in m and math.isfinite(m[key]), key
         assert m["actor/grad_norm"] > 0 and m["num_turns/mean"] >= 1
-        assert abs(m["finish/stop"] + m["finish/length"] + m["finish/max_turns"] + m["finish/done"] - 1) < 1e-9
+        assert (
+            abs(m["finish/stop"] + m["finish/length"] + m["finish/max_turns"] + m["finish/done"] - 1) < 1e-9
+        )
         assert abs(m["rollout_corr/kl"]) < 1e-4, m["rollout_corr/kl"]  # the engine has the trainer's weights
     val = [m for m in lines if "val-core/rlprims/arithmetic/acc/mean@1" in m]
     assert [m["step"] for m in val] == [0, 2] and all("val-aux/tool/call_rate" in m for m in val)

@@ -418,3 +418,100 @@ def test_hf_multiturn_logprobs_match_the_trainer(chat_model_dir, tokenizer, pool
         seed=7,
     )
     check_alignment(out, chat_model_dir, tol=1e-4)
+
+
+# ---- a template with a tool section (Hermes / Qwen2.5 layout) ------------------------------------------
+
+# Written for this test in the layout Qwen2.5 and Hermes models use: tools listed in the system message,
+# calls as "<tool_call>\n{json}\n</tool_call>" after the assistant's text, consecutive tool results
+# grouped in one user turn, each inside <tool_response>.
+HERMES_LIKE = (  # newlines as {{ '\n' }}: transformers renders templates with trim_blocks
+    "{%- if tools %}{{ '<|im_start|>system\\n# Tools\\n<tools>' }}"
+    "{%- for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}"
+    "{{- '\\n</tools>\\nCall a tool with <tool_call>\\n{...}\\n</tool_call><|im_end|>\\n' }}{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def hermes_tokenizer(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = HERMES_LIKE
+    return tok
+
+
+def test_template_with_tools_two_calls_in_one_turn(hermes_tokenizer, pool):
+    from rlprims.rollout import template_has_tools, template_tool_prompt, tool_schema
+
+    tok = hermes_tokenizer
+    assert template_has_tools(tok)
+    text = template_tool_prompt(
+        tok, [{"role": "user", "content": "What is 2 * 3 + 4?"}], [tool_schema(calculator)]
+    )
+    assert text.startswith(
+        '<|im_start|>system\n# Tools\n<tools>\n{"type": "function", "function": {"name": "calc'
+    )
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "%s"}}\n</tool_call>'
+    turn = "Two steps.\n" + call % "2 * 3" + "\n" + call % "6 + 4"
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    out, _, _ = run(tok, pool, [[turn, "The answer is 10."]], prompts=[prompt])
+    assert out.num_tool_calls.tolist() == [2] and out.num_tool_errors.tolist() == [0]
+    obs = segments(tok, out, 0)[1]
+    assert obs == (
+        False,
+        0,
+        "\n<|im_start|>user\n<tool_response>\n6\n</tool_response>\n<tool_response>\n10\n"
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n",
+    )
+
+
+def test_tool_use_metrics():
+    from rlprims.rollout import tool_use_metrics, tool_use_sums
+    from rlprims.rollout.batch import RolloutBatch
+
+    finish = torch.tensor([FINISH_STOP, FINISH_STOP, FINISH_LENGTH, FINISH_MAX_TURNS])
+    rollout = RolloutBatch(*([torch.zeros(4, 1)] * 5), finish, torch.ones(4), torch.ones(4))
+    from rlprims.rollout import MultiTurnBatch
+
+    mt = MultiTurnBatch(
+        rollout,
+        torch.ones(4, 1, dtype=torch.bool),
+        torch.zeros(4, 1, dtype=torch.long),
+        num_turns=torch.tensor([2, 1, 3, 3]),
+        num_tool_calls=torch.tensor([1, 0, 3, 2]),
+        num_tool_errors=torch.tensor([0, 0, 1, 1]),
+        interaction_rewards=torch.full((4,), math.nan),
+    )
+    sums = tool_use_sums(mt)
+    assert sums == {
+        "trajectories": 4.0,
+        "turns": 9.0,
+        "tool_calls": 6.0,
+        "tool_errors": 2.0,
+        "with_tool_calls": 3.0,
+        "finish_stop": 2.0,
+        "finish_length": 1.0,
+        "finish_max_turns": 1.0,
+        "finish_done": 0.0,
+    }
+    assert tool_use_metrics(sums, prefix="val-aux/") == {
+        "val-aux/tool/call_rate": 0.75,
+        "val-aux/tool/calls_mean": 1.5,
+        "val-aux/tool/error_rate": 2 / 6,
+        "val-aux/num_turns/mean": 2.25,
+        "val-aux/finish/stop": 0.5,
+        "val-aux/finish/length": 0.25,
+        "val-aux/finish/max_turns": 0.25,
+        "val-aux/finish/done": 0.0,
+    }
+    empty = dict.fromkeys(sums, 0.0)
+    assert all(v == 0 for v in tool_use_metrics(empty).values())

@@ -304,3 +304,16 @@ def test_pool_rejects_bad_setups():
         tool_pool([_tools.echo, _tools.echo])
     with pytest.raises(ValueError, match="timeout_s > 0"):
         tool_pool([_tools.echo], timeout_s=0)
+
+
+def test_load_tools():
+    from rlprims.rollout import load_tools
+
+    assert load_tools("rlprims.rollout:calculator, tests.rollout._tools:echo") == [calculator, _tools.echo]
+    for spec, message in (
+        ("calculator", "must be 'module:function'"),
+        ("nope.mod:f", "No module named"),
+        ("tests.rollout._tools:missing", "has no attribute 'missing'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_tools(spec)
