@@ -44,22 +44,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlprims import ops
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from rlprims.data import (SamplerState, arithmetic_rows, chat_prompt_ids, next_indices, read_verl_parquet,
-                          sampler_init)
+from rlprims.data import SamplerState, next_indices, rl_prompt_sets, sampler_init
 from rlprims.launch import RunArgs, fit_to_device, init, parse_args, seed_all, shutdown
-from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
+from rlprims.metrics import (close_run_log, lock_run_dir, log_generations, log_metrics, open_run_log,
+                             progress, unlock_run_dir)
 from rlprims.models.packed import register_packed_attention
 from rlprims.models.rollout import batch_logprobs, rows_logprobs_and_entropy
-from rlprims.parallel import (all_reduce_scalars, build_mesh, dist_batch_metrics, dist_cat_rows,
-                              dist_gpg_advantages, dist_reinforce_pp_baseline_advantages, dp_rank_and_size,
-                              engine_weights, gather_once, optimizer_step, rollout_seed, shard_model,
-                              step_loss_normalizers, step_micro_batches)
+from rlprims.parallel import (all_reduce_means_by_name, all_reduce_scalars, build_mesh, dist_batch_metrics,
+                              dist_cat_rows, dist_gpg_advantages, dist_reinforce_pp_baseline_advantages,
+                              dp_rank_and_size, engine_weights, gather_once, optimizer_step, rollout_seed,
+                              shard_model, step_loss_normalizers, step_micro_batches)
 from rlprims.rewards import check_reward_sources, compute_score, load_reward_fn, reward_pool, score_responses
 from rlprims.rollout import (create_engine, decode_responses, default_model_path, generate, sleep_engine,
                              update_weights)
 from rlprims.schedules import constant_lr_factor, cosine_lr_factor
 from rlprims.timing import timed
-from rlprims.validation import validate
+from rlprims.validation import validate, validation_samples
 
 
 @dataclass
@@ -68,6 +68,12 @@ class Args(RunArgs):
 
     out_dir: str = "runs/grpo"
     """metrics.jsonl, curves.png, checkpoints/ and the final HF export (hf/) go here."""
+    steps: int = 30
+    """Rollout + update steps (the main job: ~10 min on a 2-core CPU, docs/grpo.md)."""
+    lr: float = 2e-5
+    """AdamW learning rate of the policy (the peak of the schedule)."""
+    max_response_len: int = 32
+    """Sampling stops here; such responses count as cut (response_length/clip_ratio)."""
     group_size: int = 8
     """Responses per prompt (GRPO's G)."""
     adv_estimator: Literal["grpo", "drgrpo", "rloo", "opo", "gpg", "grpo_passk",
@@ -101,8 +107,7 @@ class Args(RunArgs):
 
 
 def advantage_estimators(group_size: int, group) -> dict:
-    """--adv-estimator -> rlprims function (scores [B], response_mask [B, T]) -> advantages [B, T].
-    Groups never span ranks; the estimators with a batch statistic reduce over `group` (the dp ranks)."""
+    """--adv-estimator -> (scores [B], mask [B, T]) -> [B, T]; batch statistics reduce over the dp `group`."""
     return {
         "grpo": partial(ops.grpo_advantages, group_size=group_size),
         "drgrpo": partial(ops.drgrpo_advantages, group_size=group_size),
@@ -116,9 +121,7 @@ def advantage_estimators(group_size: int, group) -> dict:
 
 
 def policy_losses(clip_low: float, clip_high: float, clip_dual: float) -> dict:
-    """--policy-loss -> rlprims.ops loss (logprobs, old_logprobs, advantages, mask) -> LossOutput. The
-    clipped losses take --clip-low/--clip-high; the others' hyperparameters are verl's defaults (sapo,
-    clip_cov, kl_cov) or the paper's (gmpo: ±0.4 in log space)."""
+    """--policy-loss -> ops loss (logprobs, old, advantages, mask); verl's defaults, gmpo's paper's ±0.4."""
     clip = dict(clip_low=clip_low, clip_high=clip_high)
     return {
         "ppo": partial(ops.ppo_clip_loss, **clip, clip_dual=clip_dual or None),
@@ -158,6 +161,7 @@ LR_SCHEDULES = {"constant": constant_lr_factor, "cosine": cosine_lr_factor}  # -
 def main(args: Args) -> None:
     # ---- setup: ranks, engine, sharded trainer, data, resume -----------------------------------------
     ctx = init(seed=args.seed)
+    run_lock = lock_run_dir(args.out_dir)  # a second run into the same out_dir fails here, naming this one
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     dtype = getattr(torch, args.dtype)
     compute = getattr(torch, args.compute_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -183,17 +187,14 @@ def main(args: Args) -> None:
     estimate = advantage_estimators(args.group_size, dp)[args.adv_estimator]
     policy_loss = policy_losses(args.clip_low, args.clip_high, args.clip_dual)[args.policy_loss]
     aggregate = aggregations(args.max_response_len)[args.loss_agg]
-    max_norm = args.max_grad_norm
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
                         total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
 
-    rows = (read_verl_parquet(args.train_files) if args.train_files
-            else arithmetic_rows(4096, seed=0, max_operand=args.max_operand))
-    val_rows = (read_verl_parquet(args.val_files) if args.val_files
-                else arithmetic_rows(args.val_prompts, seed=1, max_operand=args.max_operand, split="test"))
-    data = chat_prompt_ids(tokenizer, rows, max_len=args.max_prompt_len)
-    val = chat_prompt_ids(tokenizer, val_rows[: args.val_prompts], max_len=args.max_prompt_len)
-    check_reward_sources(reward_fn, [r["data_source"] for r in rows + val_rows])
+    prompts = rl_prompt_sets(tokenizer, train_files=args.train_files, val_files=args.val_files,
+                             val_prompts=args.val_prompts, max_prompt_len=args.max_prompt_len,
+                             max_operand=args.max_operand)
+    data, val = prompts.train, prompts.val  # (token ids, verl row) pairs
+    check_reward_sources(reward_fn, [row["data_source"] for _, row in data + val])
     scorer = reward_pool(reward_fn, timeout_s=args.reward_timeout_s)  # worker processes, calls time-limited
     out_dir = Path(args.out_dir)
     step, sampler = 0, sampler_init()
@@ -203,7 +204,7 @@ def main(args: Args) -> None:
     log = open_run_log(out_dir, rank=rank, config=asdict(args), resume_step=step,
                        wandb_project=args.wandb_project or None, tensorboard=args.tensorboard)
     if rank == 0:
-        print(f"{len(data)} of {len(rows)} prompts fit {args.max_prompt_len} tokens; start at step {step}")
+        print(f"{prompts.summary(args.max_prompt_len)}; start at step {step}")
 
     def sync() -> None:  # streams the full weights, bucket by bucket, into this rank's engine, in place
         update_weights(engine, engine_weights(model, dtype=compute, bucket_bytes=args.sync_bucket_mb << 20))
@@ -212,8 +213,10 @@ def main(args: Args) -> None:
         return score_responses(decode_responses(tokenizer, batch), batch_rows, scorer)
 
     def validation(step: int) -> dict[str, float]:  # every rank joins; the ranks of one engine share prompts
-        return validate(engine, val, score, n=args.val_n, temperature=args.val_temperature, group=dp,
-                        max_tokens=args.max_response_len, pad_token_id=pad_id, seed=args.seed + step).metrics
+        v = validate(engine, val, score, n=args.val_n, temperature=args.val_temperature, group=dp,
+                     max_tokens=args.max_response_len, pad_token_id=pad_id, seed=args.seed + step)
+        log_generations(log, step, *validation_samples(v, tokenizer))  # a few: generations.jsonl, trackers
+        return v.metrics
 
     sync()  # the engine starts from the model directory; a resumed trainer is ahead of it
     if step == 0 and args.val_prompts:
@@ -233,10 +236,9 @@ def main(args: Args) -> None:
             sleep_engine(engine, level=fit.sleep_level)  # frees its memory for the update; the sync wakes it
             batch = type(batch)(*(t.to(device) for t in batch))  # groups are contiguous rows
         mask = batch.response_mask
-        with timed(timing, "reward"):
+        with timed(timing, "reward"):  # ---- scores: in the reward workers, each call time-limited -------
             scored = score(batch, [data[i][1] for i in picked for _ in range(args.group_size)])
             scores = scored.scores.to(device)
-
         # ---- packed micro-batches of ≤ max_tokens, as many on every rank (FSDP2 gathers in each pass) ----
         lengths = (batch.prompt_lengths + batch.response_lengths).tolist()
         plans = step_micro_batches(lengths, max_tokens=fit.max_tokens_per_micro_batch,
@@ -296,7 +298,8 @@ def main(args: Args) -> None:
                     continue
                 parts = progress(gather_once(model, plan, enabled=fit.gather_once), total=len(plan),
                                  desc=f"step {step} update", rank=rank)
-                norm, sums = optimizer_step(model, optimizer, parts, micro_batch_loss, max_grad_norm=max_norm)
+                norm, sums = optimizer_step(model, optimizer, parts, micro_batch_loss,
+                                             max_grad_norm=args.max_grad_norm)
                 grad_norms.append(norm)
                 for k, v in sums.items():
                     stats[k] += v / updates
@@ -319,6 +322,8 @@ def main(args: Args) -> None:
             **all_reduce_scalars(stats, mean=False, device=device),  # shares of world-wide normalizers
             **all_reduce_scalars(counts, mean=False, device=device, group=dp),  # over every dp rank
             **all_reduce_scalars(local, mean=True, device=device),
+            **all_reduce_means_by_name({k: v for k, v in scored.metrics.items() if k.endswith("/mean")},
+                                       group=dp),  # the reward's extra keys (verl's reward_extra_info)
             **{k: v.item() for k, v in corr.items()},
             "actor/lr": optimizer.param_groups[0]["lr"],
             "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
@@ -335,6 +340,7 @@ def main(args: Args) -> None:
     export_hf(model, out_dir / "hf", tokenizer=tokenizer)
     scorer.close()
     close_run_log(log)
+    unlock_run_dir(run_lock)
     engine = None  # vLLM's teardown needs the process group: free the engine first
     gc.collect()
     shutdown(ctx)

@@ -39,8 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlprims import ops
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from rlprims.data import (SamplerState, arithmetic_rows, chat_prompt_ids, next_indices, read_verl_parquet,
-                          sampler_init)
+from rlprims.data import SamplerState, next_indices, rl_prompt_sets, sampler_init
 from rlprims.launch import RunArgs, fit_to_device, init, parse_args, seed_all, shutdown
 from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
 from rlprims.models.packed import register_packed_attention
@@ -102,13 +101,11 @@ def main(args: Args) -> None:
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
                         total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
 
-    rows = (read_verl_parquet(args.train_files) if args.train_files
-            else arithmetic_rows(4096, seed=0, max_operand=args.max_operand))
-    val_rows = (read_verl_parquet(args.val_files) if args.val_files
-                else arithmetic_rows(args.val_prompts, seed=1, max_operand=args.max_operand, split="test"))
-    data = chat_prompt_ids(tokenizer, rows, max_len=args.max_prompt_len)
-    val = chat_prompt_ids(tokenizer, val_rows[: args.val_prompts], max_len=args.max_prompt_len)
-    check_reward_sources(reward_fn, [r["data_source"] for r in rows + val_rows])
+    prompts = rl_prompt_sets(tokenizer, train_files=args.train_files, val_files=args.val_files,
+                             val_prompts=args.val_prompts, max_prompt_len=args.max_prompt_len,
+                             max_operand=args.max_operand)
+    data, val = prompts.train, prompts.val  # (token ids, verl row) pairs
+    check_reward_sources(reward_fn, [row["data_source"] for _, row in data + val])
     scorer = reward_pool(reward_fn, timeout_s=args.reward_timeout_s)  # worker processes, calls time-limited
     out_dir = Path(args.out_dir)
     step, sampler = 0, sampler_init()

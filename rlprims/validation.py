@@ -33,7 +33,8 @@ from rlprims.rewards import RewardResult
 from rlprims.parallel.stats import Group, process_group
 from rlprims.rollout import RolloutBatch, generate
 
-__all__ = ["ValidationResult", "prompt_validation_metrics", "validation_metrics", "validate"]
+__all__ = [
+    "ValidationResult", "prompt_validation_metrics", "validation_metrics", "validate", "validation_samples"]
 
 N_BOOTSTRAP = 1000  # verl's bootstrap_metric default
 
@@ -167,3 +168,16 @@ def validate(
     sources = [row["data_source"] for _, row in mine]
     metrics = validation_metrics(scores, sources, n=n, group=group, preds=preds)
     return ValidationResult(metrics, batch, result)
+
+
+def validation_samples(result: ValidationResult, tokenizer: Any, *, k: int = 4) -> tuple[list, list, list]:
+    """(prompts, responses, scores) of the first `k` rows this rank validated, as text, for
+    `rlprims.metrics.log_generations(log, step, *validation_samples(result, tokenizer))` (verl's
+    val/generations, TRL's log_completions). A rank without prompts gives three empty lists.
+    """
+    from rlprims.rollout.batch import decode_prompts, decode_responses
+
+    if result.rewards is None or k < 1:
+        return [], [], []
+    return (decode_prompts(tokenizer, result.batch)[:k], decode_responses(tokenizer, result.batch)[:k],
+            result.rewards.scores[:k].tolist())

@@ -16,6 +16,7 @@ from rlprims.data.arithmetic import (
 )
 from rlprims.data.chat import chat_prompt_ids
 from rlprims.data.gsm8k import convert_gsm8k, gsm8k_rows
+from rlprims.data.prompts import PromptSets, rl_prompt_sets
 from rlprims.data.preference import (
     PreferenceTokens,
     preference_tokens,
@@ -29,6 +30,8 @@ from rlprims.data.tool_tasks import calculator_demo, multiplication_rows, row_to
 from rlprims.data.verl_parquet import read_verl_parquet, validate_rows, write_verl_parquet
 
 __all__ = [
+    "PromptSets",
+    "rl_prompt_sets",
     "PreferenceTokens",
     "SFTTokens",
     "SamplerState",

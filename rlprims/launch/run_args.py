@@ -86,8 +86,8 @@ class RunArgs:
     weight sync; KV cache freed in both); -1 = fit (GPU: 2, CPU: 0)."""
     sync_bucket_mb: int = 256
     """Weight sync: MiB gathered from the FSDP2 shards at a time (bounds its extra memory)."""
-    val_prompts: int = 64
-    """Held-out prompts to validate on (0 = no validation)."""
+    val_prompts: int = 256
+    """Held-out prompts to validate on (0 = none; 256 gives a standard error of ~0.03 on an accuracy)."""
     val_n: int = 1
     """Responses sampled per validation prompt: the N of mean@N (and best@N, maj@N when N > 1)."""
     val_temperature: float = 0.0

@@ -33,7 +33,7 @@ from rlprims.parallel.advantages import (
 from rlprims.parallel.buckets import DEFAULT_BUCKET_BYTES, engine_weights, weight_buckets
 from rlprims.parallel.fsdp import decoder_layers, gather_once, shard_model
 from rlprims.parallel.mesh import build_mesh, fsdp_mesh
-from rlprims.parallel.normalizers import all_reduce_scalars, step_loss_normalizers
+from rlprims.parallel.normalizers import all_reduce_means_by_name, all_reduce_scalars, step_loss_normalizers
 from rlprims.parallel.plan import step_micro_batches
 from rlprims.parallel.ranks import dp_rank_and_size, rollout_seed
 from rlprims.parallel.stats import (
@@ -57,6 +57,7 @@ from rlprims.parallel.reshard import (
 
 __all__ = [
     "all_reduce_scalars",
+    "all_reduce_means_by_name",
     "step_loss_normalizers",
     "step_micro_batches",
     "dist_masked_mean",

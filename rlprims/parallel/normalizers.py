@@ -52,3 +52,24 @@ def all_reduce_scalars(
     if mean:
         t = t / dist.get_world_size(group)
     return dict(zip(values, t.tolist()))
+
+
+def all_reduce_means_by_name(
+    values: dict[str, float], *, device: torch.device | str = "cpu", group: dist.ProcessGroup | None = None,
+) -> dict[str, float]:
+    """The mean of each named scalar over the ranks of `group` that have it; ranks may have other names.
+
+    For values only some ranks produce (the extra keys of a reward function's dict results, present
+    where a rank's responses returned them): one all_gather_object of the names, then one all-reduce of
+    sums and counts in a fixed (sorted) order, so every rank gets the same dict. Without an initialized
+    process group, or on one rank, returns the values unchanged. For logging.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return dict(values)
+    names: list[list[str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, sorted(values), group=group)
+    union = sorted({n for rank_names in names for n in rank_names or ()})
+    t = torch.tensor([[float(values.get(n, 0.0)), float(n in values)] for n in union] or [[0.0, 0.0]],
+                     dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return {n: (t[i, 0] / t[i, 1]).item() for i, n in enumerate(union)}

@@ -14,7 +14,7 @@ from rlprims.ops.reduce import (
     aggregate_token_mean,
     loss_normalizers,
 )
-from rlprims.parallel import all_reduce_scalars, step_loss_normalizers
+from rlprims.parallel import all_reduce_means_by_name, all_reduce_scalars, step_loss_normalizers
 from tests.tolerances import GRAD_SPLIT
 
 WORLD = 2
@@ -55,8 +55,10 @@ def _worker(rank, init_file, out_dir):
             torch.save(param.grad, os.path.join(out_dir, f"grad{k}.pt"))
     summed = all_reduce_scalars({"a": rank + 1.0, "b": 10.0 * rank}, mean=False)
     averaged = all_reduce_scalars({"a": rank + 1.0}, mean=True)
+    # names only some ranks have: "b" only on rank 1, "c" only on rank 0
+    named = all_reduce_means_by_name({"a": rank + 1.0, "c": 7.0} if rank == 0 else {"b": 4.0, "a": 5.0})
     if rank == 0:
-        torch.save((summed, averaged), os.path.join(out_dir, "scalars.pt"))
+        torch.save((summed, averaged, named), os.path.join(out_dir, "scalars.pt"))
     dist.destroy_process_group()
 
 
@@ -68,8 +70,9 @@ def test_two_rank_gradient_equals_single_process():
             param = theta.clone().requires_grad_(True)
             _loss(param, adv, mask, agg, loss_normalizers(mask)).backward()
             torch.testing.assert_close(torch.load(os.path.join(tmp, f"grad{k}.pt")), param.grad, **GRAD_SPLIT)
-        summed, averaged = torch.load(os.path.join(tmp, "scalars.pt"))
+        summed, averaged, named = torch.load(os.path.join(tmp, "scalars.pt"))
         assert summed == {"a": 3.0, "b": 10.0} and averaged == {"a": 1.5}
+        assert named == {"a": 3.0, "b": 4.0, "c": 7.0}
 
 
 def test_without_process_group_sums_micro_batches():
@@ -86,3 +89,4 @@ def test_empty_micro_batch_list_is_an_error():
 
 def test_all_reduce_scalars_without_process_group_is_identity():
     assert all_reduce_scalars({"x": 2.0}, mean=True) == {"x": 2.0}
+    assert all_reduce_means_by_name({"x": 2.0}) == {"x": 2.0}
