@@ -227,7 +227,8 @@ def main(args: Args) -> None:
                     norms = step_loss_normalizers([mask[part] for part in plan])
                     parts = progress(gather_once(net, plan, enabled=fit.gather_once), total=len(plan),
                                      desc=f"step {step} {name}", rank=rank)
-                    norm, sums = optimizer_step(net, opt, parts, loss_fn, max_grad_norm=args.max_grad_norm)
+                    norm, sums = optimizer_step(net, opt, parts, loss_fn, max_grad_norm=args.max_grad_norm,
+                                                step=step)
                     grad_norms[name].append(norm)
                     for k, v in sums.items():
                         stats[k] += v / updates

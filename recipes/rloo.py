@@ -191,7 +191,7 @@ def main(args: Args) -> None:
                 parts = progress(gather_once(model, plan, enabled=fit.gather_once), total=len(plan),
                                  desc=f"step {step} update", rank=rank)
                 norm, sums = optimizer_step(model, optimizer, parts, micro_batch_loss,
-                                            max_grad_norm=args.max_grad_norm)
+                                            max_grad_norm=args.max_grad_norm, step=step)
                 grad_norms.append(norm)
                 for k, v in sums.items():
                     stats[k] += v / updates

@@ -33,3 +33,21 @@ def test_micro_batches_equal_one_batch_and_metrics_add_up():
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, **GRAD_SPLIT)
         assert a.grad is None  # zeroed for the next step
+
+
+def test_non_finite_loss_or_gradient_never_reaches_the_optimizer():
+    import pytest
+
+    for bad in (float("nan"), float("inf")):
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        x = torch.tensor([[1.0, 2.0, bad]])
+
+        def loss_fn(part):
+            return model(x).sum() * part, {"loss": 1.0}
+
+        with pytest.raises(FloatingPointError, match=r"step 7: non-finite (loss|grad_norm)"):
+            optimizer_step(model, optimizer, [1.0, 2.0], loss_fn, max_grad_norm=1.0, step=7)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights untouched
+        assert not optimizer.state and all(p.grad is None for p in model.parameters())  # nothing applied

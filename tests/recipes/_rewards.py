@@ -7,8 +7,9 @@ def letter_share(data_source, solution_str, ground_truth, extra_info=None) -> fl
     return sum("a" <= c <= "z" for c in solution_str) / max(len(solution_str), 1)
 
 
-def letter_share_logged(data_source, solution_str, ground_truth, extra_info=None) -> float:
-    """letter_share, and for training prompts a line "<prompt index>\\t<score>" appended to the file named by
+def letter_share_logged(data_source, solution_str, ground_truth, extra_info=None) -> dict:
+    """letter_share as verl's dict result {"score", "chars"} (the extra key is logged as reward/chars/mean),
+    and for training prompts a line "<prompt index>\\t<score>" appended to the file named by
     $RLPRIMS_TEST_SCORE_LOG (when set): the test recomputes a step's global max / min from it."""
     import os
 
@@ -17,4 +18,4 @@ def letter_share_logged(data_source, solution_str, ground_truth, extra_info=None
     if path and (extra_info or {}).get("split") == "train":
         with open(path, "a") as f:
             f.write(f"{extra_info['index']}\t{score!r}\n")
-    return score
+    return {"score": score, "chars": len(solution_str)}

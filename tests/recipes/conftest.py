@@ -61,7 +61,7 @@ def metric_lines(out: Path) -> list[dict]:
 
 def documented_metrics() -> list[re.Pattern]:
     """The metric names of docs/metrics.md's tables (first column), as patterns: `a/b/mean`, `/max` is
-    a/b/max; `x_mean`, `_max` is x_max; <data_source> and N are placeholders."""
+    a/b/max; `x_mean`, `_max` is x_max; <data_source>, <key> and N are placeholders."""
     names = []
     for line in (REPO / "docs" / "metrics.md").read_text().splitlines():
         if not line.startswith("| `"):
@@ -73,7 +73,7 @@ def documented_metrics() -> list[re.Pattern]:
             else:
                 prev = name
             names.append(name)
-    return [re.compile(re.escape(n).replace("<data_source>", ".+").replace("@N", "@[0-9]+")) for n in names]
+    return [re.compile(re.escape(n).replace("<data_source>", ".+").replace("<key>", ".+").replace("@N", "@[0-9]+")) for n in names]
 
 
 def assert_documented(lines: list[dict]) -> None:

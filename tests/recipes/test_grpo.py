@@ -65,6 +65,21 @@ def test_logs_verl_metrics_every_step(reference):
         assert abs(m["rollout_corr/kl"]) < 1e-4, m["rollout_corr/kl"]
     val = [m["step"] for m in lines if any(k.startswith("val-core/") for k in m)]
     assert val == [0, 2, 3]  # before the first step, every 2 steps, after the last
+    for m in train:  # the reward returns verl's dict {"score", "chars"}: the extra key is logged
+        assert m["reward/chars/mean"] > 0
+    for m in (m for m in lines if "val-core/rlprims/arithmetic/acc/mean@1" in m):
+        assert m["val-aux/rlprims/arithmetic/num_prompts"] == 4.0
+        assert m["val-aux/rlprims/arithmetic/acc/mean@1/stderr"] >= 0
+
+
+def test_writes_validation_generations(reference):
+    import json
+
+    out, _ = reference
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [0, 2, 3]
+    assert all(set(r) == {"step", "prompt", "response", "score"} for r in rows)
+    assert all("<|im_start|>" in r["prompt"] and 0 <= r["score"] <= 1 for r in rows)
 
 
 def test_score_max_and_min_are_over_both_ranks(reference):
