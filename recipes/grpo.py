@@ -68,10 +68,10 @@ class Args(RunArgs):
 
     out_dir: str = "runs/grpo"
     """metrics.jsonl, curves.png, checkpoints/ and the final HF export (hf/) go here."""
-    steps: int = 30
-    """Rollout + update steps (the main job: ~10 min on a 2-core CPU, docs/grpo.md)."""
     lr: float = 2e-5
     """AdamW learning rate of the policy (the peak of the schedule)."""
+    lr_schedule: str = "cosine"
+    """After the warmup: "constant" or "cosine" (the main job decays 2e-5 to 0 over its 20 steps)."""
     max_response_len: int = 32
     """Sampling stops here; such responses count as cut (response_length/clip_ratio)."""
     group_size: int = 8
