@@ -289,8 +289,11 @@ def _console_line(step: int, values: Mapping[str, float | int | None], keys) -> 
         if name in values:
             v = values[name]
             parts.append(f"{label} {'nan' if v is None else f'{v:.4g}'}")
-    parts += [f"{name.split('/', 1)[1]} {v:.4g}" for name, v in values.items()
-              if name.startswith("val-core/") and v is not None]
+    for name, v in values.items():  # validation, with its standard error when logged (validation_metrics)
+        if name.startswith("val-core/") and v is not None:
+            src, metric = name.removeprefix("val-core/").split("/acc/", 1) if "/acc/" in name else (None, None)
+            se = values.get(f"val-aux/{src}/acc/{metric}/stderr") if src is not None else None
+            parts.append(f"{name.split('/', 1)[1]} {v:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
     return "  ".join(parts)
 
 

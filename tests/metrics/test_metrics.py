@@ -23,7 +23,8 @@ def test_jsonl_and_console(tmp_path, capsys):
                          "perf/total_num_tokens": 400, "actor/entropy": float("nan"),
                          "timing_s/step": 3.0, "val-core/arith/acc/mean@1": 0.5})
     log_metrics(log, 2, {"critic/score/mean": 0.5})
-    assert _lines(tmp_path / "metrics.jsonl") == [
+    log_metrics(log, 3, {"val-core/arith/acc/mean@1": 0.5, "val-aux/arith/acc/mean@1/stderr": 0.0312})
+    assert _lines(tmp_path / "metrics.jsonl")[:2] == [
         {"step": 1, "critic/score/mean": 0.25, "response_length/mean": 12.5, "perf/total_num_tokens": 400,
          "actor/entropy": None, "timing_s/step": 3.0, "val-core/arith/acc/mean@1": 0.5},  # nan -> null
         {"step": 2, "critic/score/mean": 0.5},
@@ -31,7 +32,7 @@ def test_jsonl_and_console(tmp_path, capsys):
     assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 1e-6, "model": "tiny"}
     out = capsys.readouterr().out.splitlines()
     assert out == ["step     1  score 0.25  len 12.5  entropy nan  s/step 3  arith/acc/mean@1 0.5",
-                   "step     2  score 0.5"]
+                   "step     2  score 0.5", "step     3  arith/acc/mean@1 0.5 ± 0.031"]
 
 
 def test_bad_metrics(tmp_path):
