@@ -41,7 +41,8 @@ from rlprims import ops
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlprims.data import SamplerState, next_indices, rl_prompt_sets, sampler_init
 from rlprims.launch import RunArgs, fit_to_device, init, parse_args, seed_all, shutdown
-from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
+from rlprims.metrics import (close_run_log, lock_run_dir, log_generations, log_metrics, open_run_log,
+                             progress, unlock_run_dir)
 from rlprims.models.packed import register_packed_attention
 from rlprims.models.rollout import batch_logprobs, rows_logprobs_and_entropy
 from rlprims.parallel import (all_reduce_scalars, build_mesh, dist_batch_metrics, dist_cat_rows,
@@ -52,7 +53,7 @@ from rlprims.rollout import (create_engine, decode_responses, default_model_path
                              update_weights)
 from rlprims.schedules import constant_lr_factor, cosine_lr_factor
 from rlprims.timing import timed
-from rlprims.validation import validate
+from rlprims.validation import validate, validation_samples
 
 
 @dataclass
@@ -76,6 +77,7 @@ LR_SCHEDULES = {"constant": constant_lr_factor, "cosine": cosine_lr_factor}  # -
 def main(args: Args) -> None:
     # ---- setup: ranks, engine, sharded trainer (+ reference), data, resume ---------------------------
     ctx = init(seed=args.seed)
+    run_lock = lock_run_dir(args.out_dir)  # a second run into the same out_dir fails here, naming this one
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
     dtype = getattr(torch, args.dtype)
     compute = getattr(torch, args.compute_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -122,8 +124,10 @@ def main(args: Args) -> None:
         return score_responses(decode_responses(tokenizer, batch), batch_rows, scorer)
 
     def validation(step: int) -> dict[str, float]:  # every rank joins; the ranks of one engine share prompts
-        return validate(engine, val, score, n=args.val_n, temperature=args.val_temperature, group=dp,
-                        max_tokens=args.max_response_len, pad_token_id=pad_id, seed=args.seed + step).metrics
+        v = validate(engine, val, score, n=args.val_n, temperature=args.val_temperature, group=dp,
+                     max_tokens=args.max_response_len, pad_token_id=pad_id, seed=args.seed + step)
+        log_generations(log, step, *validation_samples(v, tokenizer))  # a few: generations.jsonl, trackers
+        return v.metrics
 
     sync()  # the engine starts from the model directory; a resumed trainer is ahead of it
     if step == 0 and args.val_prompts:
@@ -228,6 +232,7 @@ def main(args: Args) -> None:
     export_hf(model, out_dir / "hf", tokenizer=tokenizer)
     scorer.close()
     close_run_log(log)
+    unlock_run_dir(run_lock)
     engine = None  # vLLM's teardown needs the process group: free the engine first
     gc.collect()
     shutdown(ctx)

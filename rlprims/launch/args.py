@@ -81,7 +81,7 @@ def _reward_fn(v: Any) -> str | None:
 # A recipe adds its own checks in `Args.__post_init__` (raise ValueError naming the flag).
 CHECKS: dict[str, Callable[[Any], str | None]] = {
     **dict.fromkeys(("lr", "critic_lr", "temperature", "max_grad_norm"), _positive),
-    **dict.fromkeys(("steps", "prompts_per_rank", "gen_prompts_per_rank", "max_gen_rounds", "group_size",
+    **dict.fromkeys(("steps", "prompts_per_rank", "gen_prompts_per_rank", "max_gen_rounds",
                      "max_prompt_len", "max_response_len", "max_len", "mini_batches", "epochs", "tp",
                      "sync_bucket_mb", "batch_size", "pairs_per_rank",
                      "val_n", "keep_checkpoints"), _at_least_one),
@@ -91,6 +91,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
                      "val_pairs", "val_rows", "reward_timeout_s",
                      "kv_cache_gb", "max_tokens_per_micro_batch"), _non_negative),  # 0 = fit to the device
     **dict.fromkeys(("gamma", "lam", "warmup_ratio", "min_lr_ratio", "gpu_memory_utilization"), _fraction),
+    "group_size": lambda v: None if isinstance(v, int) and v >= 2 else (
+        "must be >= 2: group-relative advantages of a group of one are the raw scores (verl's mean 0, std 1)"),
     "lr_schedule": lambda v: None if v in ("constant", "cosine") else "must be 'constant' or 'cosine'",
     "dtype": _dtype,
     "compute_dtype": _dtype_or_auto,

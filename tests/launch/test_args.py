@@ -165,6 +165,21 @@ def test_values_checked_at_parse_time(capsys, tmp_path):
             parse_args(Recipe, ["--lr", value])
 
 
+@dataclass
+class Groups:
+    group_size: int = 8
+    """Samples per prompt."""
+    steps: int = 1
+    """Steps."""
+
+
+def test_group_of_one_and_negative_steps_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(Groups, ["--group-size", "1", "--steps", "-3"])
+    err = capsys.readouterr().err
+    assert "--group-size 1: must be >= 2" in err and "--steps -3: must be >= 1" in err
+
+
 def test_post_init_error_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(Recipe, ["--group-size", "1"])
