@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Every value of every choice flag appears at least once (the test checks it against the dicts).
 RUNS = [
     dict(adv_estimator="grpo", policy_loss="ppo", loss_agg="token-mean", clip_dual=3.0, kl_coef=0.01,
-         kl_estimator="k3", val_n=2, val_temperature=1.0),
+         kl_estimator="k3", val_n=2, val_temperature=1.0, lr_schedule="constant"),
     dict(adv_estimator="drgrpo", policy_loss="gspo", loss_agg="seq-mean-token-mean", kl_coef=0.01,
          kl_estimator="k1", kl_in_reward=True, rollout_is="token"),
     dict(adv_estimator="rloo", policy_loss="cispo", loss_agg="seq-mean-token-sum", kl_coef=0.01,
