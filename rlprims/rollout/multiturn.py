@@ -28,8 +28,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from rlprims.parallel.stats import Group, process_group
 from rlprims.rollout.batch import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -137,6 +139,7 @@ def generate_multiturn(
     rows: Sequence[Mapping[str, Any]] | None = None,
     seed: int | None = None,
     pad_token_id: int = 0,
+    group: Group = None,
 ) -> MultiTurnBatch:
     """Samples n multi-turn trajectories per prompt, running tool calls between turns.
 
@@ -161,6 +164,12 @@ def generate_multiturn(
     rows: one mapping per prompt (verl rows), for the interaction.
     seed: round t samples with seed + t * B (rows get their own streams, see `generate`).
     pad_token_id: the padding id of the result.
+    group: the ranks whose engines step together: vLLM under torchrun with data parallelism needs the
+      data-parallel group (`mesh["dp"]`); None is the default group when torch.distributed is
+      initialized, else this process alone (as everywhere in `rlprims.parallel.stats`). Rounds go on
+      until every rank of the group is done, and a rank whose trajectories have all ended (or that has
+      no prompt) still calls `sample` with no prompts each round, as `generate` requires. One
+      all-reduce of one number per round. Every rank of the group must call.
 
     Returns a MultiTurnBatch; B = len(prompt_ids) * n.
     """
@@ -196,13 +205,13 @@ def generate_multiturn(
 
     live = list(range(b))
     round_ = 0
-    while live:
+    while _any_rank(bool(live), group):
         budget = {r: min(turn_limit, max_response_tokens - len(resp[r])) for r in live}
         inputs = prompts if round_ == 0 else [prompts[r // n] + resp[r] for r in live]
         out = sample(
             inputs,
             n=n if round_ == 0 else 1,
-            max_tokens=max(budget.values()),
+            max_tokens=max(budget.values(), default=1),
             seed=None if seed is None else seed + round_ * b,
         )
         if out.response_ids.shape[0] != len(live):
@@ -297,6 +306,17 @@ def generate_multiturn(
         num_tool_errors=torch.tensor(errors, dtype=torch.long),
         interaction_rewards=torch.tensor(rewards, dtype=torch.float32),
     )
+
+
+def _any_rank(flag: bool, group: Group) -> bool:
+    """True where `flag` holds on any rank of `group` (this process alone for None / one rank)."""
+    pg = process_group(group)
+    if pg is None:
+        return flag
+    cuda = dist.get_backend(pg) == "nccl"
+    t = torch.tensor([int(flag)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
+    return bool(t.item())
 
 
 def multiturn_sequences(batch: MultiTurnBatch) -> RolloutSequences:

@@ -1,9 +1,9 @@
 """recipes/grpo_tools.py end to end: two ranks on the tiny model (FSDP2, one engine and one tool pool each).
 
-The tiny random model never writes a tool call, so this checks the wiring (multi-turn rollout, rewards
-on the last turn, packed update over the model tokens, weight sync, tool metrics, validation,
-checkpoint, export); the tool paths themselves are tested in tests/rollout/test_multiturn.py. One launch,
-two steps (~1 minute on 2 cores, most of it `import vllm`).
+The tiny random model never writes a tool call, so this checks the wiring (verl parquet rows naming their
+tool, multi-turn rollout, rewards on the last turn, packed update over the model tokens, weight sync, tool
+metrics, validation, checkpoint, export); the tool paths themselves are tested in
+tests/rollout/test_multiturn.py. One launch, two steps (~1 minute on 2 cores, most of it `import vllm`).
 """
 
 from __future__ import annotations
@@ -18,64 +18,35 @@ pytest.importorskip("vllm")
 pytest.importorskip("pebble")
 
 STEPS = 2
-FLAGS = [
-    "--steps",
-    str(STEPS),
-    "--prompts-per-rank",
-    "2",
-    "--group-size",
-    "4",
-    "--max-response-len",
-    "24",
-    "--max-turn-len",
-    "12",
-    "--kv-cache-gb",
-    "0.1",
-    "--val-prompts",
-    "4",
-    "--val-every",
-    "2",
-    "--save-every",
-    "2",
-    "--lr",
-    "1e-3",
-    "--tool-workers",
-    "1",
-    "--reward-fn",
-    str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share",
-]
+FLAGS = (
+    "--steps 2 --prompts-per-rank 2 --group-size 4 --max-response-len 24 --max-turn-len 12 --kv-cache-gb 0.1 "
+    "--val-prompts 4 --val-every 2 --save-every 2 --lr 1e-3 --tool-workers 1"
+).split() + ["--reward-fn", str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share"]
+KEYS = ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "response_length/mean",
+        "response_length/model_tokens_mean", "tool/call_rate", "tool/error_rate", "num_turns/mean", "finish/stop",
+        "finish/length", "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights", "reward/errors",
+        "perf/throughput")
 
 
 def test_two_steps_log_tool_metrics_and_stay_on_policy(tiny_chat_model, tmp_path):
-    run_recipe("grpo_tools", tmp_path, "--model", tiny_chat_model, *FLAGS)
-    lines = metric_lines(tmp_path)
-    train = [m for m in lines if "critic/score/mean" in m]
-    assert [m["step"] for m in train] == list(range(1, STEPS + 1))
-    for m in train:
-        for key in (
-            "actor/pg_loss",
-            "actor/entropy",
-            "actor/grad_norm",
-            "response_length/mean",
-            "response_length/model_tokens_mean",
-            "tool/call_rate",
-            "tool/error_rate",
-            "num_turns/mean",
-            "finish/stop",
-            "finish/length",
-            "timing_s/gen",
-            "timing_s/update_actor",
-            "timing_s/update_weights",
-            "reward/errors",
-            "perf/throughput",
-        ):
+    from rlprims.data import multiplication_rows, write_verl_parquet
+
+    # verl parquet files whose rows name their tool in extra_info (what --train-files users bring)
+    train = write_verl_parquet(multiplication_rows(64, seed=0), tmp_path / "data" / "train.parquet")
+    test = write_verl_parquet(multiplication_rows(8, seed=1, split="test"), tmp_path / "data" / "test.parquet")
+    out = tmp_path / "run"
+    run_recipe("grpo_tools", out, "--model", tiny_chat_model, *FLAGS, "--train-files", str(train),
+               "--val-files", str(test))
+    lines = metric_lines(out)
+    train_lines = [m for m in lines if "critic/score/mean" in m]
+    assert [m["step"] for m in train_lines] == list(range(1, STEPS + 1))
+    for m in train_lines:
+        for key in KEYS:
             assert key in m and math.isfinite(m[key]), key
         assert m["actor/grad_norm"] > 0 and m["num_turns/mean"] >= 1
-        assert (
-            abs(m["finish/stop"] + m["finish/length"] + m["finish/max_turns"] + m["finish/done"] - 1) < 1e-9
-        )
+        assert abs(m["finish/stop"] + m["finish/length"] + m["finish/max_turns"] + m["finish/done"] - 1) < 1e-9
         assert abs(m["rollout_corr/kl"]) < 1e-4, m["rollout_corr/kl"]  # the engine has the trainer's weights
     val = [m for m in lines if "val-core/rlprims/arithmetic/acc/mean@1" in m]
     assert [m["step"] for m in val] == [0, 2] and all("val-aux/tool/call_rate" in m for m in val)
-    assert (tmp_path / "checkpoints" / f"step-{STEPS:08d}").is_dir()
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / f"step-{STEPS:08d}").is_dir()
+    assert (out / "hf" / "model.safetensors").is_file()

@@ -66,6 +66,16 @@ def main() -> None:
             result["tp_invalid_error"] = None
         except ValueError as e:
             result["tp_invalid_error"] = str(e)
+    if tp == 1 and trainer_group:  # the engines step together: a rank without prompts must still join,
+        # or its peer waits in vLLM's dp all-reduce while it waits in the trainer's (a hang before the fix)
+        lone = [prompts[0]] if rank == 0 else []
+        out = generate(engine, lone, n=2, temperature=1.0, max_tokens=8, seed=1)
+        result["uneven"] = [out.response_ids.shape[0]]
+        torch.distributed.barrier()
+        lone = [prompts[0]] if rank == 1 else []
+        out = generate(engine, lone, n=1, temperature=0, max_tokens=8)
+        result["uneven"].append(out.response_ids.shape[0])
+        result["after_uneven"] = greedy()
     if trainer_group:
         x = torch.tensor([float(rank + 1)])
         torch.distributed.all_reduce(x)

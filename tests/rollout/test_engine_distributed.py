@@ -97,6 +97,9 @@ def test_data_parallel_one_engine_per_rank(tiny_model_dir, tiny_engine, original
         _assert_matches(res["greedy"], base)
         _assert_matches(res["perturbed"], pert)
         _assert_matches(res["restored"], base)
+        # a call where one rank has no prompt returns on both (vLLM's dp lock-step); then all is as before
+        assert res["uneven"] == ([2, 0] if r == 0 else [0, 1])
+        _assert_matches(res["after_uneven"], base)
         assert res["trainer_allreduce"] == 3.0  # 1 + 2
 
 
