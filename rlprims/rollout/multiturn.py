@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlprims.parallel.stats import Group, process_group
+from rlprims._groups import Group, process_group
 from rlprims.rollout.batch import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -166,10 +166,10 @@ def generate_multiturn(
     pad_token_id: the padding id of the result.
     group: the ranks whose engines step together: vLLM under torchrun with data parallelism needs the
       data-parallel group (`mesh["dp"]`); None is the default group when torch.distributed is
-      initialized, else this process alone (as everywhere in `rlprims.parallel.stats`). Rounds go on
-      until every rank of the group is done, and a rank whose trajectories have all ended (or that has
-      no prompt) still calls `sample` with no prompts each round, as `generate` requires. One
-      all-reduce of one number per round. Every rank of the group must call.
+      initialized, else this process alone (as everywhere in rlprims). Rounds go on until every rank
+      of the group is done, and a rank whose trajectories have all ended (or that has no prompt)
+      still calls `sample` with no prompts each round, as `generate` requires. One all-reduce of one
+      number per round. Every rank of the group must call.
 
     Returns a MultiTurnBatch; B = len(prompt_ids) * n.
     """
@@ -338,13 +338,27 @@ def final_turn_texts(tokenizer: Any, batch: MultiTurnBatch, *, skip_special_toke
 
     Only the model's own last turn is scored, never tool output: a reward on the whole response would
     let a trajectory that ends right after a tool result be scored on the tool's text.
-    Shapes: MultiTurnBatch with B rows -> B strings.
+    An empty batch (a rank without prompts) gives []. Shapes: MultiTurnBatch with B rows -> B strings.
     """
     r = batch.rollout
     last = (batch.num_turns - 1).to(batch.turn_ids.device)
     keep = r.response_mask & (batch.turn_ids == last[:, None])
     ids = [row[m].tolist() for row, m in zip(r.response_ids, keep)]
-    return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+    # tokenizers decode an empty list of rows as one empty text: never pass them one
+    return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens) if ids else []
+
+
+def trajectory_texts(
+    tokenizer: Any, batch: MultiTurnBatch, *, skip_special_tokens: bool = False
+) -> list[str]:
+    """The whole response of each trajectory as text: model turns, tool results and user replies in order.
+
+    Special tokens are kept by default, so the chat template's role markers show who wrote what
+    (`<|im_start|>tool ...`): for reading rollouts, e.g. `rlprims.metrics.log_generations`. Padding is
+    excluded. An empty batch gives []. Shapes: MultiTurnBatch with B rows -> B strings.
+    """
+    ids = [row[m].tolist() for row, m in zip(batch.rollout.response_ids, batch.sequence_mask)]
+    return tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens) if ids else []
 
 
 _FINISH_NAMES = {

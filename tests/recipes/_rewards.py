@@ -19,3 +19,19 @@ def letter_share_logged(data_source, solution_str, ground_truth, extra_info=None
         with open(path, "a") as f:
             f.write(f"{extra_info['index']}\t{score!r}\n")
     return {"score": score, "chars": len(solution_str)}
+
+
+def letter_share_stalls_once_on_rank1(data_source, solution_str, ground_truth, extra_info=None) -> float:
+    """letter_share, except that the first training call on rank 1 never returns: it takes the marker
+    file named by $RLPRIMS_TEST_STALL_MARK (created once, atomically) and sleeps for ~11 days."""
+    import os
+    import time
+
+    if os.environ.get("RANK") == "1" and (extra_info or {}).get("split") == "train":
+        try:
+            os.close(os.open(os.environ["RLPRIMS_TEST_STALL_MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            time.sleep(10**6)
+    return letter_share(data_source, solution_str, ground_truth, extra_info)

@@ -5,10 +5,11 @@ The score statistics are checked against the scores themselves: the reward funct
 response's (prompt index, score), and step 1's prompts are the sampler's for both data-parallel ranks, so
 `critic/score/max` / `min` must be the max / min over both ranks' responses (not a mean of per-rank values).
 
-Resumption is checked the hard way: the run is SIGKILLed (once after the step-2 checkpoint, once in the
-middle of writing it) and restarted with the same command; the restarted run must log exactly the same
-numbers as an uninterrupted one (bitwise on CPU: rollout seeds depend only on (seed, step, rank), and the
-checkpoint holds weights, optimizer state, RNG states and the data sampler's position).
+Resumption is checked the hard way: the run is SIGKILLed (after the step-2 checkpoint, in the middle of
+writing it, and before the first checkpoint) and restarted with the same command; the restarted run must
+log exactly the same numbers as an uninterrupted one (bitwise on CPU: rollout seeds depend only on
+(seed, step, rank), and the checkpoint holds weights, optimizer state, RNG states and the data
+sampler's position).
 """
 
 from __future__ import annotations
@@ -98,6 +99,26 @@ def test_score_max_and_min_are_over_both_ranks(reference):
     assert step1["critic/score/mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-6)
 
 
+def test_a_reward_call_that_never_returns_on_one_rank_is_cut_off(tiny_chat_model, tmp_path, monkeypatch):
+    """Rank 1's first training reward call sleeps forever: the pool cuts it off after --reward-timeout-s,
+    it scores 0 and counts in reward/timeouts (summed over ranks), and both ranks go on to the end.
+    One validation prompt for two ranks: rank 1 validates on none and still joins every collective."""
+    mark = tmp_path / "stalled"
+    monkeypatch.setenv("RLPRIMS_TEST_STALL_MARK", str(mark))
+    flags = [f for f in FLAGS if not f.endswith(":letter_share_logged")]
+    flags[flags.index("--reward-fn") + 1:flags.index("--reward-fn") + 1] = [
+        str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share_stalls_once_on_rank1"]
+    run_recipe("grpo", tmp_path / "run", "--model", tiny_chat_model, *flags, "--steps", "2",
+               "--save-every", "0", "--reward-timeout-s", "3", "--val-prompts", "1", timeout=600)
+    assert mark.exists(), "the stalling call never ran"
+    lines = metric_lines(tmp_path / "run")
+    timeouts = [m["reward/timeouts"] for m in lines if "reward/timeouts" in m]
+    assert timeouts == [1.0, 0.0], timeouts
+    assert [m["step"] for m in lines if "reward/timeouts" in m] == [1, 2]
+    val = [m for m in lines if any(k.startswith("val-core/") for k in m)]
+    assert [m["step"] for m in val] == [0, 2]
+
+
 def test_two_ranks_sharing_one_engine(tiny_chat_model, tmp_path):
     """--tp 2: both ranks drive one engine, so they must sample the same prompts with the same seeds."""
     run_recipe("grpo", tmp_path, "--model", tiny_chat_model, *FLAGS, "--tp", "2", "--steps", "2", "--save-every", "0")
@@ -143,6 +164,21 @@ def test_sigkill_after_a_checkpoint_resumes_bitwise(reference, tiny_chat_model, 
     monkeypatch.setenv("TINY_MODEL", tiny_chat_model)
     proc = _start(tmp_path)
     _kill_when(proc, lambda: (tmp_path / "checkpoints" / "step-00000002" / "checkpoint.json").exists())
+    run_recipe("grpo", tmp_path, "--model", tiny_chat_model, *FLAGS)
+    assert _comparable(metric_lines(tmp_path)) == _comparable(expected)
+
+
+def test_sigkill_before_the_first_checkpoint_restarts_clean(reference, tiny_chat_model, tmp_path, monkeypatch):
+    """Killed after the step-0 validation was logged, before any checkpoint: the rerun starts over and
+    its metrics.jsonl holds no line of the killed run (one line more was the bug)."""
+    _, expected = reference
+    monkeypatch.setenv("TINY_MODEL", tiny_chat_model)
+    proc = _start(tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    _kill_when(proc, lambda: log.exists() and log.read_text().count("\n") >= 1)
+    from rlprims.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "checkpoints") is None, "killed too late: a checkpoint was written"
     run_recipe("grpo", tmp_path, "--model", tiny_chat_model, *FLAGS)
     assert _comparable(metric_lines(tmp_path)) == _comparable(expected)
 

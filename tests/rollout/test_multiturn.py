@@ -24,6 +24,7 @@ from rlprims.rollout import (
     generate_multiturn,
     multiturn_sequences,
     tool_pool,
+    trajectory_texts,
 )
 from rlprims.rollout.batch import pack_rollout
 from rlprims.rollout.tools import ToolCall, calculator
@@ -163,6 +164,10 @@ def test_tool_round_trip(tokenizer, pool):
         r.rollout_logprobs[~r.response_mask] == 0
     ).all()
     assert final_turn_texts(tokenizer, out) == ["The answer is 408."]
+    assert trajectory_texts(tokenizer, out) == [
+        CALL % "12 * 34" + "<|im_end|>\n<|im_start|>tool\n408<|im_end|>\n<|im_start|>assistant\n"
+        "The answer is 408.<|im_end|>"
+    ]
     assert math.isnan(out.interaction_rewards.item())
     # token in, token out: the second turn's prompt is the first prompt plus the response so far, as ids
     first, second = sample.log
@@ -173,6 +178,14 @@ def test_tool_round_trip(tokenizer, pool):
         - 1
     )
     assert second["prompt_ids"] == [prompts[0] + r.response_ids[0, :n_resp].tolist()]
+
+
+def test_no_prompt_gives_an_empty_batch_and_no_texts(tokenizer, pool):
+    """A rank without prompts: B = 0 everywhere, and texts are [] (a tokenizer decodes no rows as [''])."""
+    out, sample, _ = run(tokenizer, pool, [], prompts=[])
+    assert out.rollout.response_ids.shape[0] == 0 and out.num_turns.shape == (0,)
+    assert final_turn_texts(tokenizer, out) == [] and trajectory_texts(tokenizer, out) == []
+    assert sample.log == []  # alone, no round (with peers, test_multiturn_dp: empty rounds until they end)
 
 
 def test_sequences_attend_to_tool_tokens_but_train_on_model_tokens(tokenizer, pool):
