@@ -16,8 +16,10 @@ Printed per size (mean over the steps after the first, as the issue's table):
   the bf16 matmul rate measured at the end of the run (an 8192³ product).
 And, with --standalone (default for 0.5b), the same vLLM generating the same batch on its own in a fresh
 process (vLLM's default multi-process engine, the recipe's engine settings: compiled, bf16, the fitted KV
-cache): the generation time the recipe's `timing_s/gen` is compared with; also with one seed per request
-(what the recipe passes: vLLM's sampler then draws each seeded row's noise separately).
+cache), twice: with vLLM's default max_num_seqs and with the recipe's; each without log-probs, with the
+sampled token's log-prob as vLLM's per-token dicts and as flat lists (what `generate` asks for), and the
+last also with one seed per prompt (what the recipe passes). The recipe's `timing_s/gen` is compared
+with that last figure at the recipe's max_num_seqs.
 
     PYTHONPATH=. python benchmarks/grpo_step.py                      # 0.5b, 5 steps, + standalone vLLM
     PYTHONPATH=. python benchmarks/grpo_step.py --sizes 1.5b --steps 3 --no-standalone
@@ -133,8 +135,17 @@ def run_recipe(args, model_dir: str, out_dir: str, log_path: str) -> tuple[list[
     return steps, wall, memory.peak, memory.baseline
 
 
+STANDALONE_MODES = {  # SamplingParams options of the standalone variants (all detokenize=False)
+    "no_logprobs": dict(),
+    "logprobs": dict(logprobs=0),  # the sampled token's log-prob, one dict + Logprob object per token
+    "logprobs_flat": dict(logprobs=0, flat_logprobs=True),  # the same as flat lists (what generate asks)
+}
+
+
 def standalone(args) -> dict:
-    """In this process: plain vLLM (default multi-process engine) generating the recipe's batch."""
+    """In this process: plain vLLM (default multi-process engine) generating the recipe's batch, with
+    max_num_seqs = args.max_num_seqs (0: vLLM's default) and each of STANDALONE_MODES; the last mode
+    also with one seed per prompt, as the recipe samples (`generate(..., seed=)`)."""
     from types import SimpleNamespace
 
     import torch
@@ -152,27 +163,28 @@ def standalone(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     prompts = [ids for ids, _ in chat_prompt_ids(tokenizer, arithmetic_rows(4096, seed=0, max_operand=20),
                                                  max_len=128)[: args.prompts]]
+    extra = dict(max_num_seqs=args.max_num_seqs) if args.max_num_seqs else {}
     t0 = time.perf_counter()
     llm = LLM(model=args.model_dir, dtype="bfloat16", max_model_len=128 + args.response_len, seed=0,
               kv_cache_memory_bytes=fit.kv_cache_bytes, enforce_eager=False,
-              logprobs_mode="processed_logprobs")
+              logprobs_mode="processed_logprobs", **extra)
     start = time.perf_counter() - t0
     requests = [{"prompt_token_ids": p} for p in prompts]
 
-    def timed(seeded: bool) -> tuple[float, int]:
-        kw = dict(n=args.n, temperature=1.0, max_tokens=args.response_len, logprobs=0, detokenize=False)
+    def timed(mode: str, seeded: bool = False) -> float:
+        kw = dict(n=args.n, temperature=1.0, max_tokens=args.response_len, detokenize=False,
+                  **STANDALONE_MODES[mode])
         sampling = ([SamplingParams(seed=1000 + i * args.n, **kw) for i in range(len(prompts))] if seeded
                     else SamplingParams(**kw))
         t = time.perf_counter()
-        out = llm.generate(requests, sampling, use_tqdm=False)
-        return time.perf_counter() - t, sum(len(c.token_ids) for o in out for c in o.outputs)
+        llm.generate(requests, sampling, use_tqdm=False)
+        return round(time.perf_counter() - t, 2)
 
-    timed(False)  # warm-up
-    plain = [timed(False) for _ in range(2)]
-    seeded = timed(True)
-    return dict(engine_start_s=round(start, 1), gen_s=round(min(t for t, _ in plain), 2),
-                gen_tokens=plain[0][1], gen_seeded_per_request_s=round(seeded[0], 2),
-                kv_cache_gib=round(fit.kv_cache_bytes / 2**30, 2))
+    timed("logprobs_flat")  # warm-up
+    out = {mode: min(timed(mode), timed(mode)) for mode in STANDALONE_MODES}
+    out["logprobs_flat_seeded"] = timed("logprobs_flat", seeded=True)
+    return dict(engine_start_s=round(start, 1), max_num_seqs=llm.llm_engine.vllm_config.scheduler_config
+                .max_num_seqs, kv_cache_gib=round(fit.kv_cache_bytes / 2**30, 2), gen_s=out)
 
 
 def bf16_peak_tflops() -> float:
@@ -211,6 +223,7 @@ def main(argv=None) -> None:
     p.add_argument("--recipe-flags", nargs=argparse.REMAINDER, default=[],
                    help="anything after this is passed to the recipe (e.g. --sleep-level 0)")
     p.add_argument("--standalone-model", dest="model_dir", help=argparse.SUPPRESS)  # internal
+    p.add_argument("--max-num-seqs", type=int, default=0, help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     if args.model_dir:
         print("STANDALONE " + json.dumps(standalone(args)), flush=True)
@@ -220,7 +233,7 @@ def main(argv=None) -> None:
         from rlprims.rollout import default_model_path
 
         tokenizer = default_model_path()
-    table = []
+    table, standalone_rows = [], []
     for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         if size not in GEOMETRIES:
             p.error(f"unknown size {size!r}; choose from {sorted(GEOMETRIES)}")
@@ -248,21 +261,25 @@ def main(argv=None) -> None:
         row["peak_gib_nvml"] = round(peak / 2**30, 1) if peak else None
         row["baseline_gib_nvml"] = round(baseline / 2**30, 1) if peak else None
         standalone_on = args.standalone if args.standalone is not None else size == "0.5b"
-        if standalone_on:
-            cmd = [sys.executable, os.path.abspath(__file__), "--standalone-model", model_dir,
-                   "--prompts", str(args.prompts), "--n", str(args.n),
-                   "--response-len", str(args.response_len)]
-            env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.recipe_timeout)
-            found = [x[11:] for x in proc.stdout.splitlines() if x.startswith("STANDALONE ")]
-            if found:
-                s = json.loads(found[0])
-                row["standalone_gen_s"] = s["gen_s"]
-                row["standalone_gen_seeded_per_request_s"] = s["gen_seeded_per_request_s"]
-                row["gen_vs_standalone"] = round(row["gen_s"] / s["gen_s"], 3)
-            else:
-                sys.stderr.write((proc.stdout + proc.stderr)[-4000:])
-                row["standalone_gen_s"] = "failed"
+        if standalone_on:  # vLLM's default max_num_seqs, then the recipe's (as fit_to_device picks it)
+            recipe_seqs = max(256, -(-args.prompts * args.n // 8) * 8)
+            for label, seqs in (("vllm_default", 0), ("recipe", recipe_seqs)):
+                cmd = [sys.executable, os.path.abspath(__file__), "--standalone-model", model_dir,
+                       "--prompts", str(args.prompts), "--n", str(args.n),
+                       "--response-len", str(args.response_len), "--max-num-seqs", str(seqs)]
+                env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                      timeout=args.recipe_timeout)
+                found = [x[11:] for x in proc.stdout.splitlines() if x.startswith("STANDALONE ")]
+                if not found:
+                    sys.stderr.write((proc.stdout + proc.stderr)[-4000:])
+                    continue
+                res = json.loads(found[0])
+                print(f"STANDALONE {label} " + json.dumps(res), flush=True)
+                standalone_rows.append((size, label, res))
+                if label == "recipe":  # the recipe's generation against the same call on its own
+                    row["standalone_gen_s"] = res["gen_s"]["logprobs_flat_seeded"]
+                    row["gen_vs_standalone"] = round(row["gen_s"] / row["standalone_gen_s"], 3)
         row["_mean"] = mean
         row["_params"] = params
         table.append(row)
@@ -280,13 +297,20 @@ def main(argv=None) -> None:
           f"{args.prompts} prompts × {args.n} × ≤{args.response_len} tokens, vocab {args.vocab}, "
           f"bf16 matmul {peak_tflops:.0f} TFLOP/s; recipe flags: {' '.join(args.recipe_flags) or 'defaults'}")
     cols = ["size", "params_b", "steps", "step_s", *(f"{k}_s" for k in PHASES), "completion_tok_s",
-            "peak_gib_nvml", "update_mfu", "standalone_gen_s", "gen_vs_standalone",
-            "standalone_gen_seeded_per_request_s", "tokens", "recipe_wall_s"]
+            "peak_gib_nvml", "update_mfu", "standalone_gen_s", "gen_vs_standalone", "tokens", "recipe_wall_s"]
     cols = [c for c in cols if any(c in r for r in table)]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in table:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    if standalone_rows:
+        print("\nvLLM alone on the same batch, generation s (min of 2; seeded: once, one seed per prompt):")
+        modes = [*STANDALONE_MODES, "logprobs_flat_seeded"]
+        print("| size | max_num_seqs | engine start s | " + " | ".join(modes) + " |")
+        print("|" + "---|" * (3 + len(modes)))
+        for size, label, res in standalone_rows:
+            print(f"| {size} | {res['max_num_seqs']} ({label}) | {res['engine_start_s']} | "
+                  + " | ".join(str(res["gen_s"][m]) for m in modes) + " |")
 
 
 if __name__ == "__main__":

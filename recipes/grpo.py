@@ -169,8 +169,7 @@ def main(args: Args) -> None:
     fit = fit_to_device(args, model_dir, ctx, rows=args.prompts_per_rank * args.group_size)  # device defaults
     engine = create_engine(model_dir, max_model_len=args.max_prompt_len + args.max_response_len,
                            dtype=str(compute).removeprefix("torch."), tensor_parallel_size=args.tp,
-                           kv_cache_memory_bytes=fit.kv_cache_bytes, enforce_eager=fit.enforce_eager,
-                           enable_sleep_mode=fit.sleep_level > 0, seed=args.seed)
+                           seed=args.seed, **fit.engine_kwargs)  # KV cache, compile, sleep, max_num_seqs
     seed_all(args.seed)  # vLLM reseeds the global RNGs when it starts
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

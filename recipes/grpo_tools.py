@@ -58,6 +58,8 @@ from rlprims.validation import validation_metrics
 # (docs/agentic.md) for templates without one (SmolLM2). Empty --tool-prompt picks by the template.
 TOOL_PROMPTS = {"template": template_tool_prompt, "minimal": minimal_tool_prompt}
 LR_SCHEDULES = {"constant": constant_lr_factor, "cosine": cosine_lr_factor}  # --lr-schedule
+CURVES = (("reward", ("critic/score/mean",)), ("tool-call rate", ("tool/call_rate",)),  # curves.png
+          ("response length", ("response_length/mean",)), ("entropy", ("actor/entropy",)))
 
 
 @dataclass
@@ -122,9 +124,8 @@ def main(args: Args) -> None:
     fit = fit_to_device(args, model_dir, ctx, rows=args.prompts_per_rank * args.group_size)  # device defaults
     max_model_len = args.max_prompt_len + args.max_response_len
     engine = create_engine(model_dir, max_model_len=max_model_len, dtype=str(compute).removeprefix("torch."),
-                           tensor_parallel_size=args.tp, kv_cache_memory_bytes=fit.kv_cache_bytes,
-                           enforce_eager=fit.enforce_eager, enable_sleep_mode=fit.sleep_level > 0,
-                           seed=args.seed)
+                           tensor_parallel_size=args.tp, seed=args.seed,
+                           **fit.engine_kwargs)  # KV cache, compile, sleep, max_num_seqs
     seed_all(args.seed)  # vLLM reseeds the global RNGs when it starts
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -284,7 +285,7 @@ def main(args: Args) -> None:
     export_hf(model, out_dir / "hf", tokenizer=tokenizer)
     pool.close()
     scorer.close()
-    close_run_log(log)
+    close_run_log(log, curves=CURVES)
     unlock_run_dir(run_lock)
     engine = None  # vLLM's teardown needs the process group: free the engine first
     gc.collect()

@@ -383,14 +383,17 @@ def _md_code(text: str) -> str:
     return "\n".join("    " + line for line in (text.splitlines() or [""]))
 
 
-def close_run_log(log: RunLog) -> Path | None:
+def close_run_log(
+    log: RunLog, *, curves: Sequence[tuple[str, Sequence[str]]] = CURVES
+) -> Path | None:
     """Writes `curves.png` next to metrics.jsonl (if matplotlib is installed; else says so) and closes
-    wandb / TensorBoard. Returns the PNG path, or None (other ranks, no curve present, no matplotlib)."""
+    wandb / TensorBoard. `curves`: the panels, as `plot_curves`' `keys`. Returns the PNG path, or None
+    (other ranks, no curve present, no matplotlib)."""
     if not log.writes:
         return None
     png = None
     try:
-        png = plot_curves(log.jsonl_path, log.out_dir / "curves.png")
+        png = plot_curves(log.jsonl_path, log.out_dir / "curves.png", keys=curves)
     except ImportError as e:
         print(f"curves.png not written: {e}", flush=True)
     if log.tb_writer is not None:

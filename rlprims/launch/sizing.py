@@ -11,7 +11,8 @@ sleep, 8,192-token micro-batches, no checkpointing), so CPU runs do not change. 
   engine      compiled (torch.compile + CUDA graphs); KV cache = what the rollout batch needs at once
               (rows × max_model_len tokens, +25 %), capped by gpu_memory_utilization × GPU memory minus
               the engine's weights; sleeps at level 2 during the update (weights and KV cache freed;
-              `update_weights` wakes it and reloads the weights).
+              `update_weights` wakes it and reloads the weights); schedules up to max(256, rows) sequences
+              at once (vLLM's max_num_seqs; its own default on an H100 / H200 is 1,024).
   trainer     micro-batches of max(16,384, 2 · max_model_len) tokens, or fewer if they do not fit;
               activation checkpointing only when that size does not fit without it; parameters gathered
               once per optimizer step (`rlprims.parallel.gather_once`) when that costs ≤ 5 % of the GPU;
@@ -69,6 +70,17 @@ class DeviceFit(NamedTuple):
     checkpointing: bool  # shard_model(activation_checkpointing=...)
     gather_once: bool  # shard_model(reshard_after_forward=not ...) and gather_once(..., enabled=...)
     cpu_offload: bool  # shard_model(cpu_offload=...); the model stays on the CPU until sharded
+    max_num_seqs: int | None = None  # vLLM's max_num_seqs; None: vLLM's default (CPU)
+
+    @property
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The engine's share, as `create_engine` keyword arguments: `create_engine(path, ...,
+        **fit.engine_kwargs)` (KV cache bytes, eager or compiled, sleep mode, max_num_seqs)."""
+        kw: dict[str, Any] = dict(kv_cache_memory_bytes=self.kv_cache_bytes, enforce_eager=self.enforce_eager,
+                                  enable_sleep_mode=self.sleep_level > 0)
+        if self.max_num_seqs is not None:
+            kw["max_num_seqs"] = self.max_num_seqs
+        return kw
 
 
 def model_geometry(model_dir: str | os.PathLike[str]) -> ModelGeometry:
@@ -222,4 +234,5 @@ def fit_to_memory(
         checkpointing=bool(checkpointing),
         gather_once=gather,
         cpu_offload=cpu_offload,
+        max_num_seqs=max(256, -(-rows // 8) * 8) if rows else None,
     )

@@ -265,6 +265,7 @@ def generate(
             ignore_eos=bool(ignore_eos),
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,
+            flat_logprobs=True,  # a few flat lists per sample, not a dict + Logprob object per token
             seed=prompt_seed,
         )
         if top_k is not None:
@@ -288,7 +289,7 @@ def generate(
             if c.logprobs is None or len(c.logprobs) != len(tokens):
                 raise RuntimeError(f"vLLM returned no per-token log-probs for prompt {i}, sample {c.index}")
             responses.append(tokens)
-            logprobs.append([c.logprobs[t][tok].logprob for t, tok in enumerate(tokens)])
+            logprobs.append(_sampled_logprobs(c.logprobs, tokens))
             if c.finish_reason == "stop":
                 finish.append(FINISH_STOP)
             elif c.finish_reason == "length":
@@ -397,6 +398,15 @@ def wake_engine(llm: LLM, *, tags: Sequence[str] | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _sampled_logprobs(found: Any, tokens: list[int]) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-sample log-probs (flat or per position)."""
+    starts = getattr(found, "start_indices", None)
+    if starts is not None:  # FlatLogprobs: vLLM's sampler puts the sampled token first at each position
+        if [found.token_ids[i] for i in starts] == tokens:
+            return [found.logprobs[i] for i in starts]
+    return [found[t][tok].logprob for t, tok in enumerate(tokens)]
 
 
 def _join_data_parallel_steps(llm: LLM) -> None:

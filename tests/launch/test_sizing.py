@@ -38,6 +38,9 @@ def test_cpu_keeps_the_historical_defaults():
     assert fit.enforce_eager and fit.sleep_level == 0
     assert fit.kv_cache_bytes == GiB // 2 and fit.max_tokens_per_micro_batch == 8192
     assert not (fit.checkpointing or fit.gather_once or fit.cpu_offload)
+    assert fit.max_num_seqs is None  # vLLM's own default
+    assert fit.engine_kwargs == dict(kv_cache_memory_bytes=GiB // 2, enforce_eager=True,
+                                     enable_sleep_mode=False)
 
 
 def test_cpu_explicit_values_are_kept():
@@ -60,6 +63,11 @@ def test_gpu_choices_for_the_measured_geometries():
     assert small.kv_cache_bytes == int(1.25 * 512 * 640 * 12288) + (64 << 20)
     assert small.max_tokens_per_micro_batch == 16384 and not small.checkpointing and small.gather_once
     assert not small.cpu_offload
+    assert small.max_num_seqs == 512 and small.engine_kwargs == dict(
+        kv_cache_memory_bytes=small.kv_cache_bytes, enforce_eager=False, enable_sleep_mode=True,
+        max_num_seqs=512)
+    assert fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=20).max_num_seqs == 256  # floor
+    assert fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=1001).max_num_seqs == 1008  # of 8
     mid = fit_to_memory(args, Q15, total_memory=H200, world_size=1, rows=512)
     assert mid.max_tokens_per_micro_batch == 16384 and not mid.checkpointing and not mid.gather_once
     big = fit_to_memory(args, Q7, total_memory=H200, world_size=1, rows=512)

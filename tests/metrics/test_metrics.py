@@ -119,6 +119,18 @@ def test_plot_curves_writes_png_of_present_keys(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_close_run_log_draws_the_recipes_panels(tmp_path):
+    log = open_run_log(tmp_path, rank=0, config={})
+    for step in range(1, 4):
+        log_metrics(log, step, {"critic/score/mean": step / 4, "tool/call_rate": 0.5})
+    png = close_run_log(log, curves=[("tool-call rate", ("tool/call_rate",))])
+    assert _png_size(png) == _png_size(plot_curves(tmp_path / "metrics.jsonl", tmp_path / "one.png",
+                                                   keys=[("reward", ("critic/score/mean",))]))  # one panel
+    log = open_run_log(tmp_path / "b", rank=0, config={})
+    log_metrics(log, 1, {"critic/score/mean": 0.5})
+    assert close_run_log(log, curves=[("tool-call rate", ("tool/call_rate",))]) is None  # nothing to draw
+
+
 def test_missing_backends_raise_naming_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError, installed or not
     with pytest.raises(ImportError, match="pip install wandb"):
