@@ -216,6 +216,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5, help="recipe steps; the table averages steps 2..")
     p.add_argument("--standalone", action=argparse.BooleanOptionalAction, default=None,
                    help="also time plain vLLM on the same batch (default: on for 0.5b)")
+    p.add_argument("--standalone-variants", default="vllm_default,recipe",
+                   help="max_num_seqs of the standalone runs: vLLM's default and/or the recipe's")
     p.add_argument("--tokenizer", default="", help="directory with the tokenizer files (default: SmolLM2's)")
     p.add_argument("--work-dir", default="/tmp/grpo_step", help="model directories and recipe runs")
     p.add_argument("--out", default=os.environ.get("OUT", ""), help="copy metrics and logs here")
@@ -263,7 +265,8 @@ def main(argv=None) -> None:
         standalone_on = args.standalone if args.standalone is not None else size == "0.5b"
         if standalone_on:  # vLLM's default max_num_seqs, then the recipe's (as fit_to_device picks it)
             recipe_seqs = max(256, -(-args.prompts * args.n // 8) * 8)
-            for label, seqs in (("vllm_default", 0), ("recipe", recipe_seqs)):
+            variants = {"vllm_default": 0, "recipe": recipe_seqs}
+            for label, seqs in ((k, variants[k]) for k in args.standalone_variants.split(",")):
                 cmd = [sys.executable, os.path.abspath(__file__), "--standalone-model", model_dir,
                        "--prompts", str(args.prompts), "--n", str(args.n),
                        "--response-len", str(args.response_len), "--max-num-seqs", str(seqs)]

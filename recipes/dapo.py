@@ -172,7 +172,7 @@ def main(args: Args) -> None:
                 rounds += 1
                 batch = generate(engine, [data[i][0] for i in picked], n=G, seed=seed, pad_token_id=pad_id,
                                  temperature=args.temperature, max_tokens=args.max_response_len,
-                                 progress=rank == 0)
+                                 progress=rank == 0, logprobs=fit.rollout_logprobs)
                 batch = type(batch)(*(t.to(device) for t in batch))
                 scored = score(batch, [data[i][1] for i in picked for _ in range(G)])
                 failed = {k: v + scored.metrics[k] for k, v in failed.items()}
@@ -243,8 +243,8 @@ def main(args: Args) -> None:
 
         # ---- log (over the whole step: every dp rank's rows), validate, checkpoint -----------------------
         behaviour = trainer_logprobs if on_policy else old_logprobs  # log π_old of the sampled tokens
-        corr = ops.rollout_correction_metrics(*(dist_cat_rows(t, group=dp)
-                                                for t in (behaviour, batch.rollout_logprobs, loss_mask)))
+        corr = {} if not fit.rollout_logprobs else ops.rollout_correction_metrics(  # engine vs trainer
+            *(dist_cat_rows(t, group=dp) for t in (behaviour, batch.rollout_logprobs, loss_mask)))
         timing["timing_s/step"] = time.perf_counter() - t_step
         counts = failed | {"perf/total_num_tokens": sum(lengths), "train/num_kept_groups": len(kept),
                            "train/varied_groups": varied}

@@ -164,7 +164,8 @@ def main(args: Args) -> None:
         update_weights(engine, engine_weights(model, dtype=compute, bucket_bytes=args.sync_bucket_mb << 20))
 
     def rollout(prompts, *, n: int, temperature: float, seed: int | None) -> MultiTurnBatch:
-        sample = partial(generate, engine, temperature=temperature, pad_token_id=pad_id)
+        sample = partial(generate, engine, temperature=temperature, pad_token_id=pad_id,
+                         logprobs=fit.rollout_logprobs and temperature > 0)  # greedy validation: none
         mt = generate_multiturn(sample, [ids for ids, _ in prompts], n=n, tokenizer=tokenizer, pool=pool,
                                 max_turns=args.max_turns, max_response_tokens=args.max_response_len,
                                 max_model_len=max_model_len, max_turn_tokens=args.max_turn_len, seed=seed,
@@ -257,7 +258,8 @@ def main(args: Args) -> None:
 
         # ---- log (over every dp rank's trajectories: each engine once), validate, checkpoint --------------
         behaviour = trainer_logprobs if on_policy else old_logprobs  # log π_old of the sampled tokens
-        corr = ops.rollout_correction_metrics(behaviour, batch.rollout_logprobs, mask)
+        corr = {} if not fit.rollout_logprobs else ops.rollout_correction_metrics(  # engine vs trainer
+            behaviour, batch.rollout_logprobs, mask)
         timing["timing_s/step"] = time.perf_counter() - t_step
         counts = tool_use_sums(mt) | {k: scored.metrics[k] for k in ("reward/timeouts", "reward/errors")}
         counts |= {"perf/total_num_tokens": sum(lengths)}

@@ -164,7 +164,7 @@ def main(args: Args) -> None:
                                 rows=args.prompts_per_rank)
             batch = generate(engine, [data[i][0] for i in picked], n=1, seed=seed, pad_token_id=pad_id,
                              temperature=args.temperature, max_tokens=args.max_response_len,
-                             progress=rank == 0)
+                             progress=rank == 0, logprobs=fit.rollout_logprobs)
             sleep_engine(engine, level=fit.sleep_level)  # frees its memory for the update; the sync wakes it
             batch = type(batch)(*(t.to(device) for t in batch))
         mask = batch.response_mask
@@ -239,8 +239,8 @@ def main(args: Args) -> None:
             sync()  # the engine slept through the update (on GPUs): the sync wakes it, new weights or not
 
         # ---- log (over the whole step: every dp rank's rows), validate, checkpoint -----------------------
-        corr = ops.rollout_correction_metrics(*(dist_cat_rows(t, group=dp)
-                                                for t in (old_logprobs, batch.rollout_logprobs, mask)))
+        corr = {} if not fit.rollout_logprobs else ops.rollout_correction_metrics(  # engine vs trainer
+            *(dist_cat_rows(t, group=dp) for t in (old_logprobs, batch.rollout_logprobs, mask)))
         timing["timing_s/step"] = time.perf_counter() - t_step
         counts = {k: scored.metrics[k] for k in ("reward/timeouts", "reward/errors")}  # failed reward calls
         counts["perf/total_num_tokens"] = sum(lengths)

@@ -142,7 +142,7 @@ def main(args: Args) -> None:
                                 rows=args.prompts_per_rank * args.group_size)
             batch = generate(engine, [data[i][0] for i in picked], n=args.group_size, seed=seed,
                              temperature=args.temperature, max_tokens=args.max_response_len,
-                             pad_token_id=pad_id, progress=rank == 0)
+                             pad_token_id=pad_id, progress=rank == 0, logprobs=fit.rollout_logprobs)
             sleep_engine(engine, level=fit.sleep_level)  # frees its memory for the update; the sync wakes it
             batch = type(batch)(*(t.to(device) for t in batch))  # groups are contiguous rows
         mask = batch.response_mask
@@ -203,8 +203,8 @@ def main(args: Args) -> None:
 
         # ---- log (over the whole step: every dp rank's rows), validate, checkpoint -----------------------
         behaviour = trainer_logprobs if on_policy else old_logprobs  # log π_old of the sampled tokens
-        corr = ops.rollout_correction_metrics(*(dist_cat_rows(t, group=dp)
-                                                for t in (behaviour, batch.rollout_logprobs, mask)))
+        corr = {} if not fit.rollout_logprobs else ops.rollout_correction_metrics(  # engine vs trainer
+            *(dist_cat_rows(t, group=dp) for t in (behaviour, batch.rollout_logprobs, mask)))
         timing["timing_s/step"] = time.perf_counter() - t_step
         counts = {k: scored.metrics[k] for k in ("reward/timeouts", "reward/errors")}  # failed reward calls
         counts["perf/total_num_tokens"] = sum(lengths)

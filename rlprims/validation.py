@@ -158,7 +158,7 @@ def validate(
     mine = list(prompts[d::size])
     seed = rollout_seed(seed=seed, step=0, dp_rank=d, dp_size=size, rows=max(1, -(-len(prompts) // size) * n))
     batch = generate(engine, [ids for ids, _ in mine], n=n, temperature=temperature, max_tokens=max_tokens,
-                     pad_token_id=pad_token_id, seed=seed)
+                     pad_token_id=pad_token_id, seed=seed, logprobs=False)  # scores need no log-probs
     rows = [row for _, row in mine for _ in range(n)]
     result = score(batch, rows) if rows else None
     scores = result.scores.cpu() if result is not None else torch.zeros(0)

@@ -32,6 +32,7 @@ _QUIET_ENV = {
 _QUIET_LOGGERS = ("vllm", "transformers", "torch.distributed", "accelerate", "huggingface_hub")
 _QUIET_MESSAGES = (
     r"FSDP2-wrapped module .* returned a view tensor",  # FSDP2 warns on every forward of a decoder layer
+    r"barrier\(\): using the device under current context",  # torch.distributed, once per rank (CUDA)
 )
 
 

@@ -84,6 +84,9 @@ class RunArgs:
     sleep_level: int = -1
     """Engine sleep during the update (0 awake, 1 weights to CPU, 2 weights dropped and reloaded by the
     weight sync; KV cache freed in both); -1 = fit (GPU: 2, CPU: 0)."""
+    rollout_logprobs: bool | None = None
+    """Ask the engine for each sampled token's log-prob (the rollout_corr/* metrics, rollout corrections);
+    unset = on CPU, and on GPUs only where a correction needs them (there they cost as much as sampling)."""
     sync_bucket_mb: int = 256
     """Weight sync: MiB gathered from the FSDP2 shards at a time (bounds its extra memory)."""
     val_prompts: int = 256

@@ -12,7 +12,9 @@ sleep, 8,192-token micro-batches, no checkpointing), so CPU runs do not change. 
               (rows × max_model_len tokens, +25 %), capped by gpu_memory_utilization × GPU memory minus
               the engine's weights; sleeps at level 2 during the update (weights and KV cache freed;
               `update_weights` wakes it and reloads the weights); schedules up to max(256, rows) sequences
-              at once (vLLM's max_num_seqs; its own default on an H100 / H200 is 1,024).
+              at once (vLLM's max_num_seqs; its own default on an H100 / H200 is 1,024); asks for the
+              sampled tokens' log-probs only where a rollout correction needs them (--rollout-logprobs:
+              on a GPU vLLM's log-prob path costs about as much as sampling; on CPU they stay on).
   trainer     micro-batches of max(16,384, 2 · max_model_len) tokens, or fewer if they do not fit;
               activation checkpointing only when that size does not fit without it; parameters gathered
               once per optimizer step (`rlprims.parallel.gather_once`) when that costs ≤ 5 % of the GPU;
@@ -71,6 +73,7 @@ class DeviceFit(NamedTuple):
     gather_once: bool  # shard_model(reshard_after_forward=not ...) and gather_once(..., enabled=...)
     cpu_offload: bool  # shard_model(cpu_offload=...); the model stays on the CPU until sharded
     max_num_seqs: int | None = None  # vLLM's max_num_seqs; None: vLLM's default (CPU)
+    rollout_logprobs: bool = True  # generate(logprobs=...): the engine's log-prob of each sampled token
 
     @property
     def engine_kwargs(self) -> dict[str, Any]:
@@ -79,7 +82,7 @@ class DeviceFit(NamedTuple):
         kw: dict[str, Any] = dict(kv_cache_memory_bytes=self.kv_cache_bytes, enforce_eager=self.enforce_eager,
                                   enable_sleep_mode=self.sleep_level > 0)
         if self.max_num_seqs is not None:
-            kw["max_num_seqs"] = self.max_num_seqs
+            kw["engine_args"] = {"max_num_seqs": self.max_num_seqs}
         return kw
 
 
@@ -152,13 +155,23 @@ def _flags(args: Any) -> tuple[bool | None, float, int, int, bool | None]:
     )
 
 
+def _rollout_logprobs(args: Any, *, cuda: bool) -> bool:
+    """--rollout-logprobs, or fit: needed by a rollout correction (--rollout-is / --rollout-rs), or on CPU."""
+    explicit = getattr(args, "rollout_logprobs", None)
+    needed = bool(getattr(args, "rollout_is", "") or getattr(args, "rollout_rs", ""))
+    if explicit is False and needed:
+        raise ValueError("--rollout-logprobs false: --rollout-is / --rollout-rs need the engine's log-probs")
+    return bool(explicit) if explicit is not None else needed or not cuda
+
+
 def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, rows: int) -> DeviceFit:
     """Resolves a recipe's "fit" flags for `device`; explicit flag values are kept as given.
 
     Reads these fields of `args` (a `rlprims.launch.RunArgs`; a missing field counts as "fit"):
     compile_engine (None = compile on CUDA), kv_cache_gb (0 = fit), gpu_memory_utilization (the engine's
     share of the GPU: weights + KV cache, as vLLM's), sleep_level (-1 = fit: 2 on CUDA, 0 on CPU),
-    max_tokens_per_micro_batch (0 = fit), activation_checkpointing (None = fit), max_prompt_len +
+    max_tokens_per_micro_batch (0 = fit), activation_checkpointing (None = fit), rollout_logprobs (None =
+    fit; rollout_is / rollout_rs need them), max_prompt_len +
     max_response_len (the engine's max_model_len), tp, dtype (master weights), compute_dtype.
     dist: from `rlprims.launch.init` (its device, and the world size the trainer state is sharded over).
     rows: sequences each engine generates at once (0 for a recipe without an engine).
@@ -175,6 +188,7 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
             checkpointing=bool(checkpointing),
             gather_once=False,
             cpu_offload=False,
+            rollout_logprobs=_rollout_logprobs(args, cuda=False),
         )
     total = torch.cuda.get_device_properties(dist.device).total_memory
     return fit_to_memory(args, model_geometry(model_dir), total_memory=total, world_size=dist.world_size,
@@ -235,4 +249,5 @@ def fit_to_memory(
         gather_once=gather,
         cpu_offload=cpu_offload,
         max_num_seqs=max(256, -(-rows // 8) * 8) if rows else None,
+        rollout_logprobs=_rollout_logprobs(args, cuda=True),
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -215,6 +216,7 @@ def generate(
     seed: int | None = None,
     pad_token_id: int = 0,
     progress: bool = False,
+    logprobs: bool = True,
 ) -> RolloutBatch:
     """Samples n responses per prompt with the engine; returns padded tensors, groups contiguous.
 
@@ -223,6 +225,10 @@ def generate(
     response reach the engine's max_model_len (both FINISH_LENGTH). temperature=0 is greedy.
     rollout_logprobs[b, t] is the engine's log-prob of response_ids[b, t] (see create_engine's
     logprobs_mode; with the default, log_softmax(logits / temperature) masked by top-k / top-p).
+    logprobs=False skips them (rollout_logprobs is then NaN at every response token): vLLM's per-token
+    log-prob path costs as much as the sampling itself on a GPU (an H200, 512 × 512 tokens of a 0.5B
+    model: 7.6 s without, 14.0 s with; docs/benchmarks.md). Ask for them when something reads them:
+    the rollout_corr/* metrics and rollout corrections (`rlprims.launch.fit_to_device` decides).
 
     seed: None uses the engine's generator (results depend on what ran before). An int makes the call
     reproducible: row r samples with its own generator seeded seed + r (vLLM gives sample k of a prompt
@@ -263,7 +269,7 @@ def generate(
             max_tokens=max_tokens,
             stop_token_ids=stops,
             ignore_eos=bool(ignore_eos),
-            logprobs=0,  # the sampled token's log-prob only
+            logprobs=0 if logprobs else None,  # the sampled token's log-prob only, or none
             detokenize=False,
             flat_logprobs=True,  # a few flat lists per sample, not a dict + Logprob object per token
             seed=prompt_seed,
@@ -278,7 +284,7 @@ def generate(
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
 
     responses: list[list[int]] = []
-    logprobs: list[list[float]] = []
+    lps: list[list[float]] = []
     finish: list[int] = []
     for i, out in enumerate(outputs):
         samples = sorted(out.outputs, key=lambda c: c.index)
@@ -286,17 +292,20 @@ def generate(
             raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {i}, expected n={n}")
         for c in samples:
             tokens = list(c.token_ids)
-            if c.logprobs is None or len(c.logprobs) != len(tokens):
+            if not logprobs:
+                lps.append([math.nan] * len(tokens))
+            elif c.logprobs is None or len(c.logprobs) != len(tokens):
                 raise RuntimeError(f"vLLM returned no per-token log-probs for prompt {i}, sample {c.index}")
+            else:
+                lps.append(_sampled_logprobs(c.logprobs, tokens))
             responses.append(tokens)
-            logprobs.append(_sampled_logprobs(c.logprobs, tokens))
             if c.finish_reason == "stop":
                 finish.append(FINISH_STOP)
             elif c.finish_reason == "length":
                 finish.append(FINISH_LENGTH)
             else:
                 raise RuntimeError(f"prompt {i}, sample {c.index} finished with {c.finish_reason!r}")
-    return pack_rollout(prompts, responses, logprobs, finish, n=n, pad_token_id=pad_token_id)
+    return pack_rollout(prompts, responses, lps, finish, n=n, pad_token_id=pad_token_id)
 
 
 def update_weights(llm: LLM, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> None:

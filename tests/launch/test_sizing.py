@@ -65,7 +65,7 @@ def test_gpu_choices_for_the_measured_geometries():
     assert not small.cpu_offload
     assert small.max_num_seqs == 512 and small.engine_kwargs == dict(
         kv_cache_memory_bytes=small.kv_cache_bytes, enforce_eager=False, enable_sleep_mode=True,
-        max_num_seqs=512)
+        engine_args={"max_num_seqs": 512})
     assert fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=20).max_num_seqs == 256  # floor
     assert fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=1001).max_num_seqs == 1008  # of 8
     mid = fit_to_memory(args, Q15, total_memory=H200, world_size=1, rows=512)
@@ -76,6 +76,17 @@ def test_gpu_choices_for_the_measured_geometries():
     # 8 ranks share the 7B state: no offload, no gathering (6 bytes/param would be 46 GB on every rank)
     node = fit_to_memory(args, Q7, total_memory=H200, world_size=8, rows=512)
     assert not node.cpu_offload and not node.gather_once
+
+
+def test_rollout_logprobs_where_something_reads_them():
+    cpu = fit_to_device(RunArgs(), "unused-on-cpu", CPU, rows=16)
+    assert cpu.rollout_logprobs  # CPU: kept on (rollout_corr/* in every run)
+    gpu = lambda **kw: fit_to_memory(SimpleNamespace(**WORKLOAD, **kw), Q05, total_memory=H200,  # noqa: E731
+                                     world_size=1, rows=512).rollout_logprobs
+    assert not gpu() and gpu(rollout_is="token") and gpu(rollout_rs="seq_mean") and gpu(rollout_logprobs=True)
+    assert not fit_to_device(RunArgs(rollout_logprobs=False), "unused-on-cpu", CPU, rows=16).rollout_logprobs
+    with pytest.raises(ValueError, match="--rollout-is / --rollout-rs need"):
+        gpu(rollout_is="token", rollout_logprobs=False)
 
 
 def test_gpu_explicit_values_are_kept():

@@ -68,6 +68,16 @@ def test_generate_seed_determinism(tiny_engine):
     assert not torch.equal(twice.response_ids[0], twice.response_ids[1])
 
 
+def test_without_logprobs_the_samples_are_the_same_and_logprobs_nan(tiny_engine):
+    kw = dict(n=2, temperature=1.0, max_tokens=10, seed=3)
+    a = generate(tiny_engine, tiny_engine_prompts(), **kw)
+    b = generate(tiny_engine, tiny_engine_prompts(), logprobs=False, **kw)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    assert torch.isfinite(a.rollout_logprobs).all()
+    assert b.rollout_logprobs[b.response_mask].isnan().all()  # "not asked for", never a silent 0
+    assert (b.rollout_logprobs[~b.response_mask] == 0).all()
+
+
 def test_greedy_matches_fallback(tiny_engine, tiny_hf_model):
     ours = generate(tiny_engine, tiny_engine_prompts(), n=1, temperature=0, max_tokens=32)
     ref = generate_hf(
