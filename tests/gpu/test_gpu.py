@@ -96,6 +96,7 @@ def test_grpo_recipe_three_steps(tmp_path):
     _run([sys.executable, str(REPO / "recipes" / "grpo.py"), "--model", model, "--steps", "3",
           "--prompts-per-rank", "8", "--group-size", "4", "--max-prompt-len", "512", "--max-response-len", "32",
           "--val-prompts", "8", "--kv-cache-gb", "1", "--lr", "1e-4", "--out-dir", str(out),
+          "--rollout-logprobs", "true",  # off by default on CUDA; the KL check below needs the engine's
           "--reward-fn", str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share"], timeout=900)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in lines if "critic/score/mean" in m]
