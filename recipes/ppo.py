@@ -185,7 +185,7 @@ def main(args: Args) -> None:
                 for part in every_part:
                     old_values[part] = values_of(batch, part)
 
-        with timed(timing, "adv"):  # ---- token rewards (score − β·KL) → GAE, whitened over all dp ranks --
+        with timed(timing, "adv"):  # ---- token rewards (score − β·KL) → GAE, whitened over dp ranks
             rewards, kl_metrics = ops.last_token_rewards(scores, mask), {}
             if ref_model is not None:
                 kl = ops.kl_k1(old_logprobs, ref_logprobs)

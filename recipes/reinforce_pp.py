@@ -159,13 +159,13 @@ def main(args: Args) -> None:
                                    mini_batches=args.mini_batches)  # as many micro-batches on every rank
         on_policy = args.mini_batches == args.epochs == 1
 
-        with timed(timing, "old_log_prob"):  # ---- π_old and π_ref (no grad): the KL reward needs both ------
+        with timed(timing, "old_log_prob"):  # ---- π_old and π_ref (no grad): the KL reward needs both ----
             logprobs_of = partial(batch_logprobs, batch=batch, parts=[p for plan in plans for p in plan],
                                   temperature=args.temperature)
             old_logprobs = logprobs_of(model) if not on_policy or ref_model is not None else None
             ref_logprobs = logprobs_of(ref_model) if ref_model is not None else None
 
-        with timed(timing, "adv"):  # ---- token rewards − β k1(π_old, π_ref), whitened over all dp ranks ----
+        with timed(timing, "adv"):  # ---- token rewards − β k1(π_old, π_ref), whitened over all dp ranks
             token_rewards, kl_metrics = ops.last_token_rewards(scores, mask), {}
             if ref_model is not None:
                 kl = ops.kl_k1(old_logprobs, ref_logprobs)

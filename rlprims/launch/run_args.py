@@ -86,7 +86,7 @@ class RunArgs:
     weight sync; KV cache freed in both); -1 = fit (GPU: 2, CPU: 0)."""
     rollout_logprobs: bool | None = None
     """Ask the engine for each sampled token's log-prob (the rollout_corr/* metrics, rollout corrections);
-    unset = on CPU, and on GPUs only where a correction needs them (there they cost as much as sampling)."""
+    unset = on CPU; on GPUs only where a correction needs them (they add 33-85 % to generation on an H200)."""
     sync_bucket_mb: int = 256
     """Weight sync: MiB gathered from the FSDP2 shards at a time (bounds its extra memory)."""
     val_prompts: int = 256
