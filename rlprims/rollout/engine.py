@@ -227,8 +227,8 @@ def generate(
     logprobs_mode; with the default, log_softmax(logits / temperature) masked by top-k / top-p).
     logprobs=False skips them (rollout_logprobs is then NaN at every response token): vLLM's per-token
     log-prob path is costly on a GPU (an H200, 512 × 512 tokens of a 0.5B model: 7.6 s without, 10.8 s
-    with at max_num_seqs 512, 14.0 s at vLLM's default 1,024; docs/benchmarks.md). Ask for them when something reads them:
-    the rollout_corr/* metrics and rollout corrections (`rlprims.launch.fit_to_device` decides).
+    with at max_num_seqs 512, 14.0 s at vLLM's default 1,024; docs/benchmarks.md). Ask for them when
+    something reads them: the rollout_corr/* metrics and rollout corrections (`fit_to_device` decides).
 
     seed: None uses the engine's generator (results depend on what ran before). An int makes the call
     reproducible: row r samples with its own generator seeded seed + r (vLLM gives sample k of a prompt
