@@ -124,6 +124,7 @@ def main(args: Args) -> None:
     shard_model(model, mesh, param_dtype=compute if compute != dtype else None,
                 activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    forward_kw = {"temperature": args.temperature, "share_prefixes": args.share_prompts}  # trainer log-probs
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
                         total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
@@ -198,7 +199,7 @@ def main(args: Args) -> None:
         with timed(timing, "old_log_prob"):  # ---- π_old (no grad), unless the ratio is 1 anyway --------
             every_part, old_logprobs = [p for plan in plans for p in plan], None
             if not on_policy:
-                old_logprobs = batch_logprobs(model, batch, every_part, temperature=args.temperature)
+                old_logprobs = batch_logprobs(model, batch, every_part, **forward_kw)
 
         with timed(timing, "adv"):  # ---- rewards: score + overlong shaping; group-relative advantages -----
             penalty = ops.overlong_penalty(batch.response_lengths, max_response_length=args.max_response_len,
@@ -208,7 +209,7 @@ def main(args: Args) -> None:
             advantages = ops.grpo_advantages(rewards, mask, group_size=G)
 
         def micro_batch_loss(part):  # its share of the mini-batch's loss (norms below) and metrics
-            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, temperature=args.temperature)
+            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, **forward_kw)
             trainer_logprobs[part] = logprobs.detach()
             m, old = loss_mask[part], logprobs.detach() if on_policy else old_logprobs[part]
             pg = ops.ppo_clip_loss(logprobs, old, advantages[part], m, clip_low=args.clip_low,

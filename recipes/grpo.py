@@ -182,6 +182,7 @@ def main(args: Args) -> None:
         shard_model(m, mesh, param_dtype=compute if compute != dtype else None,
                     activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    forward_kw = {"temperature": args.temperature, "share_prefixes": args.share_prompts}  # trainer log-probs
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
     estimate = advantage_estimators(args.group_size, dp)[args.adv_estimator]
     policy_loss = policy_losses(args.clip_low, args.clip_high, args.clip_dual)[args.policy_loss]
@@ -244,8 +245,7 @@ def main(args: Args) -> None:
                                    mini_batches=args.mini_batches)
         on_policy = args.mini_batches == args.epochs == 1 and not (args.rollout_is or args.rollout_rs)
         with timed(timing, "old_log_prob"):  # ---- old / reference log-probs, only when something needs them
-            logprobs_of = partial(batch_logprobs, batch=batch, parts=[p for plan in plans for p in plan],
-                                  temperature=args.temperature)
+            logprobs_of = partial(batch_logprobs, batch=batch, parts=sum(plans, []), **forward_kw)
             need_old = not on_policy or (ref_model is not None and args.kl_in_reward)
             old_logprobs = logprobs_of(model) if need_old else None
             ref_logprobs = logprobs_of(ref_model) if ref_model is not None else None
@@ -270,7 +270,7 @@ def main(args: Args) -> None:
             advantages = estimate(rewards, loss_mask)
 
         def micro_batch_loss(part):  # its share of the mini-batch's loss (norms below) and metrics
-            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, temperature=args.temperature)
+            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, **forward_kw)
             trainer_logprobs[part] = logprobs.detach()
             m, old = loss_mask[part], logprobs.detach() if on_policy else old_logprobs[part]
             pg = policy_loss(logprobs, old, advantages[part], m)

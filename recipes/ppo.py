@@ -108,6 +108,7 @@ def main(args: Args) -> None:
         shard_model(m, mesh, param_dtype=compute if compute != dtype else None,
                     activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    forward_kw = {"temperature": args.temperature, "share_prefixes": args.share_prompts}  # trainer log-probs
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
@@ -177,8 +178,8 @@ def main(args: Args) -> None:
         every_part = [p for plan in plans for p in plan]
 
         with timed(timing, "old_log_prob"):  # ---- old log-probs, old values, reference log-probs ----------
-            old_logprobs = batch_logprobs(model, batch, every_part, temperature=args.temperature)
-            ref_logprobs = batch_logprobs(ref_model, batch, every_part, temperature=args.temperature) \
+            old_logprobs = batch_logprobs(model, batch, every_part, **forward_kw)
+            ref_logprobs = batch_logprobs(ref_model, batch, every_part, **forward_kw) \
                 if ref_model is not None else None
             old_values = torch.zeros_like(old_logprobs)
             with torch.no_grad():
@@ -205,7 +206,7 @@ def main(args: Args) -> None:
                           "critic/vpred_mean": vpred.item() * share}
 
         def actor_loss(part):  # its share of the mini-batch's policy loss (norms below) and metrics
-            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, temperature=args.temperature)
+            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, **forward_kw)
             m = mask[part]
             pg = ops.ppo_clip_loss(logprobs, old_logprobs[part], advantages[part], m, clip_low=args.clip_low,
                                    clip_high=args.clip_high, clip_dual=args.clip_dual or None)

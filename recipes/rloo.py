@@ -98,6 +98,7 @@ def main(args: Args) -> None:
         shard_model(m, mesh, param_dtype=compute if compute != dtype else None,
                     activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    forward_kw = {"temperature": args.temperature, "share_prefixes": args.share_prompts}  # trainer log-probs
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
                         total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
@@ -155,8 +156,7 @@ def main(args: Args) -> None:
         on_policy = args.mini_batches == args.epochs == 1
 
         with timed(timing, "old_log_prob"):  # ---- π_old and π_ref (no grad): the KL reward needs both ------
-            logprobs_of = partial(batch_logprobs, batch=batch, parts=[p for plan in plans for p in plan],
-                                  temperature=args.temperature)
+            logprobs_of = partial(batch_logprobs, batch=batch, parts=sum(plans, []), **forward_kw)
             old_logprobs = logprobs_of(model) if not on_policy or ref_model is not None else None
             ref_logprobs = logprobs_of(ref_model) if ref_model is not None else None
 
@@ -170,7 +170,7 @@ def main(args: Args) -> None:
             advantages = ops.rloo_advantages(rewards, mask, group_size=args.group_size)
 
         def micro_batch_loss(part):  # its share of the mini-batch's loss (norms below) and metrics
-            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, temperature=args.temperature)
+            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, **forward_kw)
             trainer_logprobs[part] = logprobs.detach()
             m, old = mask[part], logprobs.detach() if on_policy else old_logprobs[part]
             pg = ops.ppo_clip_loss(logprobs, old, advantages[part], m, clip_low=args.clip_low,

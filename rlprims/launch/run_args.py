@@ -65,6 +65,9 @@ class RunArgs:
     max_tokens_per_micro_batch: int = 0
     """Token budget of one forward/backward (verl's dynamic batch size); 0 = fit (CPU: 8192; GPU: from
     the model and the GPU's memory, rlprims.launch.sizing)."""
+    share_prompts: bool = True
+    """Compute each prompt once for its group's samples in the trainer's forward/backward (exact: same
+    values up to fp summation order; rlprims.ops.pack_shared_prefixes). false: every row whole."""
     activation_checkpointing: bool | None = None
     """Recompute each decoder layer in backward instead of storing it; unset = only where the micro-batch
     would not fit without (GPU; never on CPU)."""

@@ -44,7 +44,13 @@ from torch import Tensor, nn
 from rlprims.kernels import logprobs_and_entropy, logprobs_from_hidden  # Triton on CUDA, else chunked
 from rlprims.ops._validate import check_mask, check_tensor
 from rlprims.ops.logprobs import DEFAULT_CHUNK_SIZE, LogprobsEntropy
-from rlprims.ops.packing import PackedSequences, pack_sequences, packed_response_positions
+from rlprims.ops.packing import (
+    PackedSequences,
+    SharedPrefixPack,
+    pack_sequences,
+    pack_shared_prefixes,
+    packed_response_positions,
+)
 
 __all__ = [
     "PACKED_ATTENTION",
@@ -53,6 +59,7 @@ __all__ = [
     "register_packed_attention",
     "response_logprobs",
     "response_logprobs_and_entropy",
+    "shared_prefix_hidden_states",
     "varlen_attention",
 ]
 
@@ -78,19 +85,38 @@ def _flash_attn_varlen():
 
 
 def _sdpa_varlen(
-    query: Tensor, key: Tensor, value: Tensor, bounds: list[int], scale: float | None, causal: bool
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    bounds: list[int],
+    scale: float | None,
+    causal: bool,
+    bounds_k: list[int] | None = None,
 ):
     gqa = query.shape[1] != key.shape[1]
     lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    lengths_k = lengths if bounds_k is None else [b - a for a, b in itertools.pairwise(bounds_k)]
     # split (not per-sequence slicing): its backward is one cat, where each slice's backward would
     # allocate and add a full-size zero gradient, O(S·N) per layer.
-    qs, ks, vs = (t.transpose(0, 1).split(lengths, dim=1) for t in (query, key, value))  # [H, L, D] each
-    outs = [
-        F.scaled_dot_product_attention(
-            q[None], k[None], v[None], is_causal=causal, scale=scale, enable_gqa=gqa
-        )[0]
-        for q, k, v in zip(qs, ks, vs)
-    ]
+    qs = query.transpose(0, 1).split(lengths, dim=1)  # [H, L, D] each
+    ks, vs = (t.transpose(0, 1).split(lengths_k, dim=1) for t in (key, value))
+    outs = []
+    for q, k, v in zip(qs, ks, vs):
+        lq, lk = q.shape[1], k.shape[1]
+        mask = None
+        if causal and lq != lk:  # bottom-right: query i sees keys j <= i + lk - lq
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[None],
+                k[None],
+                v[None],
+                attn_mask=mask,
+                is_causal=causal and mask is None,
+                scale=scale,
+                enable_gqa=gqa,
+            )[0]
+        )
     return torch.cat(outs, dim=1).transpose(0, 1)
 
 
@@ -103,32 +129,53 @@ def varlen_attention(
     max_seqlen: int,
     scale: float | None,
     causal: bool,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> Tensor:
     """Attention within each packed sequence:  o_i = Σ_{j ∈ seq(i), j ≤ i} softmax_j(s·q_i·k_j) v_j.
 
     `causal=False` drops the j ≤ i condition. s = `scale` (None: 1/√head_dim). Query head h uses key/value
     head h // (Hq / Hkv) (GQA). Backend: flash-attn varlen (CUDA, fp16/bf16, if installed), else torch's
     `varlen_attn` (CUDA, fp16/bf16), else per-sequence SDPA (see module docstring). Differentiable.
+    With `cu_seqlens_k` the keys have segments of their own (sequence s: queries cu_seqlens[s]:...,
+    keys cu_seqlens_k[s]:...); causal masking is then bottom-right aligned, flash-attn's convention:
+    query i of a sequence with Lq queries and Lk keys sees keys j ≤ i + Lk − Lq (`pack_shared_prefixes`).
     Shapes: query [N, Hq, D], key/value [N, Hkv, D] (Hq divisible by Hkv), cu_seqlens [S+1] int32
-            (0 = cu_seqlens[0] < ... < cu_seqlens[S] = N), max_seqlen = max L_s -> [N, Hq, D].
+            (0 = cu_seqlens[0] < ... < cu_seqlens[S] = N), max_seqlen = max L_s -> [N, Hq, D];
+            with cu_seqlens_k [S+1] int32 (ending at Nk), key/value are [Nk, Hkv, D].
     """
     check_tensor("query", query, ndim=3, floating=True)
     check_tensor("key", key, ndim=3, floating=True)
     check_tensor("value", value, ndim=3, floating=True)
     check_tensor("cu_seqlens", cu_seqlens, ndim=1)
     n, hq, d = query.shape
-    if key.shape != value.shape or key.shape[0] != n or key.shape[2] != d or hq % key.shape[1] != 0:
+    nk = n if cu_seqlens_k is None else key.shape[0]
+    if key.shape != value.shape or key.shape[0] != nk or key.shape[2] != d or hq % key.shape[1] != 0:
         raise ValueError(
             f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}: "
-            "need [N, Hq, D], [N, Hkv, D], [N, Hkv, D] with Hq divisible by Hkv"
+            "need [N, Hq, D], [N, Hkv, D], [N, Hkv, D] with Hq divisible by Hkv (Nk keys with cu_seqlens_k)"
         )
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
         raise ValueError(
             f"cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
         )
+    if cu_seqlens_k is not None:
+        check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1)
+        if (
+            cu_seqlens_k.dtype != torch.int32
+            or cu_seqlens_k.shape != cu_seqlens.shape
+            or max_seqlen_k is None
+        ):
+            raise ValueError(
+                f"cu_seqlens_k must be int32 and shaped like cu_seqlens {tuple(cu_seqlens.shape)}, with "
+                f"max_seqlen_k; got {cu_seqlens_k.dtype} {tuple(cu_seqlens_k.shape)}, "
+                f"max_seqlen_k={max_seqlen_k}"
+            )
     half = query.dtype in (torch.float16, torch.bfloat16)
     if query.is_cuda and half:
         cu = cu_seqlens.to(query.device)
+        cu_k = cu if cu_seqlens_k is None else cu_seqlens_k.to(query.device)
+        max_k = max_seqlen if cu_seqlens_k is None else int(max_seqlen_k)
         flash = _flash_attn_varlen()
         if flash is not None:
             return flash(
@@ -136,9 +183,9 @@ def varlen_attention(
                 key,
                 value,
                 cu,
-                cu,
+                cu_k,
                 max_seqlen,
-                max_seqlen,
+                max_k,
                 dropout_p=0.0,
                 softmax_scale=scale,
                 causal=causal,
@@ -157,9 +204,9 @@ def varlen_attention(
             key.contiguous(),
             value.contiguous(),
             cu,
-            cu,
+            cu_k,
             max_seqlen,
-            max_seqlen,
+            max_k,
             scale=scale,
             window_size=(-1, 0) if causal else (-1, -1),
             **gqa,
@@ -167,7 +214,21 @@ def varlen_attention(
     bounds = [int(x) for x in cu_seqlens.tolist()]
     if bounds[0] != 0 or bounds[-1] != n or any(b <= a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"cu_seqlens must increase strictly from 0 to N={n}, got {bounds[:8]}...")
-    return _sdpa_varlen(query, key, value, bounds, scale, causal)
+    bounds_k = None
+    if cu_seqlens_k is not None:
+        bounds_k = [int(x) for x in cu_seqlens_k.tolist()]
+        lq, lk = (torch.tensor(x).diff() for x in (bounds, bounds_k))
+        if (
+            bounds_k[0] != 0
+            or bounds_k[-1] != nk
+            or bool((lk <= 0).any())
+            or (causal and bool((lk < lq).any()))
+        ):
+            raise ValueError(
+                f"cu_seqlens_k must increase strictly from 0 to Nk={nk}, each causal sequence with at least "
+                f"as many keys as queries; got {bounds_k[:8]}... for cu_seqlens {bounds[:8]}..."
+            )
+    return _sdpa_varlen(query, key, value, bounds, scale, causal, bounds_k)
 
 
 def packed_attention_forward(
@@ -185,12 +246,15 @@ def packed_attention_forward(
     max_length_k: int | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    rlprims_kv_indices: Tensor | None = None,
     **kwargs,  # transformers passes model-specific extras (position_ids, output_attentions, ...)
 ) -> tuple[Tensor, None]:
     """The attention function registered as `PACKED_ATTENTION` (transformers' AttentionInterface signature).
 
     With `cu_seq_lens_q`: a packed batch, query [1, Hq, N, D], key/value [1, Hkv, N, D] ->
     `varlen_attention` -> ([1, N, Hq, D], None). Without: transformers' SDPA attention (padded batches).
+    With `rlprims_kv_indices` (a `pack_shared_prefixes` stream, forwarded by transformers from the model
+    call's keyword arguments): the keys and values are key[kv_indices] in segments `cu_seq_lens_k`.
     Rejects what the varlen path would silently get wrong: attention dropout, logit soft-capping, a
     sliding window shorter than a sequence, packed position ids without cu_seq_lens.
     """
@@ -241,23 +305,32 @@ def packed_attention_forward(
             f"packed attention does not implement sliding windows: sliding_window={sliding_window} < "
             f"max sequence length {max_q}"
         )
-    if (
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)
+    gathered = {}
+    if rlprims_kv_indices is not None:  # shared prefixes: each segment's keys gathered from the stream
+        if cu_seq_lens_k is None or max_length_k is None:
+            raise ValueError("rlprims_kv_indices needs cu_seq_lens_k and max_length_k (pack_shared_prefixes)")
+        key, value = key.index_select(0, rlprims_kv_indices), value.index_select(0, rlprims_kv_indices)
+        gathered = {"cu_seqlens_k": cu_seq_lens_k.to(torch.int32), "max_seqlen_k": int(max_length_k)}
+    elif (
         cu_seq_lens_k is not None
         and cu_seq_lens_k is not cu_seq_lens_q
         and cu_seq_lens_k.shape != cu_seq_lens_q.shape
     ):
         raise ValueError(
-            "packed attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention over one stream)"
+            "packed attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention over one stream) unless "
+            "rlprims_kv_indices gathers each sequence's keys"
         )
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = varlen_attention(
         query[0].transpose(0, 1),
-        key[0].transpose(0, 1),
-        value[0].transpose(0, 1),
+        key,
+        value,
         cu_seq_lens_q.to(torch.int32),
         max_seqlen=max_q,
         scale=scaling,
         causal=bool(causal),
+        **gathered,
     )
     return out.unsqueeze(0), None
 
@@ -328,6 +401,34 @@ def packed_hidden_states(model: nn.Module, packed: PackedSequences) -> Tensor:
     return out.hidden_states[-1][0]
 
 
+def shared_prefix_hidden_states(model: nn.Module, pack: SharedPrefixPack) -> Tensor:
+    """`packed_hidden_states` of a `pack_shared_prefixes` stream: each shared prefix computed once.
+
+    Row i of the result is the hidden state of stream token i, equal (up to fp summation order) to the
+    one the token has in its own row's forward; `pack.stream_index` maps the padded batch onto it.
+    Shapes: pack with N tokens -> [N, hidden_size].
+    """
+    _check_model(model)
+    if not isinstance(pack, SharedPrefixPack):
+        raise ValueError(
+            f"pack must be a SharedPrefixPack (from pack_shared_prefixes), got {type(pack).__name__}"
+        )
+    out = model(
+        input_ids=pack.input_ids.unsqueeze(0),
+        attention_mask=None,
+        position_ids=pack.position_ids.unsqueeze(0),
+        use_cache=False,
+        logits_to_keep=torch.zeros(0, dtype=torch.long, device=pack.input_ids.device),
+        output_hidden_states=True,
+        cu_seq_lens_q=pack.cu_seqlens_q,
+        cu_seq_lens_k=pack.cu_seqlens_k,
+        max_length_q=pack.max_seqlen_q,
+        max_length_k=pack.max_seqlen_k,
+        rlprims_kv_indices=pack.kv_indices,
+    )
+    return out.hidden_states[-1][0]
+
+
 def _lm_head_weight(model: nn.Module) -> Tensor:
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
@@ -382,28 +483,65 @@ def _pack_on_host(
     return packed, to_device(positions)
 
 
-def _response_inputs(model, input_ids, attention_mask, response_mask):
+def _response_inputs(model, input_ids, attention_mask, response_mask, share_prefixes):
+    """(hidden states that predict the response tokens [M, H], those tokens [M], LM-head weight, the
+    tokens' flat positions b·T + t [M])."""
     _check_model(model)
     check_tensor("input_ids", input_ids, ndim=2)
     check_mask("attention_mask", attention_mask, input_ids.shape)
     check_mask("response_mask", response_mask, input_ids.shape)
-    packed, positions = _pack_on_host(input_ids, attention_mask, response_mask)
-    hidden = packed_hidden_states(model, packed)
-    weight = _lm_head_weight(model)  # after the forward: under FSDP2 the root's weights are gathered now
+    if not share_prefixes:
+        packed, positions = _pack_on_host(input_ids, attention_mask, response_mask)
+        hidden = packed_hidden_states(model, packed)
+        return (
+            hidden.index_select(0, positions - 1),
+            packed.input_ids.index_select(0, positions),
+            _lm_head_weight(model),  # after the forward: under FSDP2 the root's weights are gathered now
+            packed.indices.index_select(0, positions),
+        )
+    pack, pred, target, flat = _pack_shared_on_host(input_ids, attention_mask, response_mask)
+    hidden = shared_prefix_hidden_states(model, pack)
     return (
-        packed,
-        positions,
-        hidden.index_select(0, positions - 1),
-        packed.input_ids.index_select(0, positions),
-        weight,
+        hidden.index_select(0, pred),
+        pack.input_ids.index_select(0, target),
+        _lm_head_weight(model),
+        flat,
     )
 
 
-def _to_padded(values: Tensor, packed: PackedSequences, positions: Tensor) -> Tensor:
-    flat = torch.zeros(packed.batch_size * packed.seq_len, dtype=values.dtype, device=values.device)
-    return flat.index_copy(0, packed.indices.index_select(0, positions), values).view(
-        packed.batch_size, packed.seq_len
+def _pack_shared_on_host(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor):
+    """`pack_shared_prefixes` on CPU copies, plus for the M response tokens the stream positions of the
+    hidden states that predict them and of the tokens, and their flat positions b·T + t; everything
+    copied to the inputs' device without waiting (as `_pack_on_host`: one wait, for the masks)."""
+    device = input_ids.device
+    masks = torch.stack((attention_mask, response_mask)).cpu()
+    pack = pack_shared_prefixes(input_ids.cpu(), masks[0], masks[1])
+    flat = torch.nonzero(masks[1].flatten()).flatten()  # [M] b·T + t, row-major
+    index = pack.stream_index.flatten()
+    pred, target = index.index_select(0, flat - 1), index.index_select(0, flat)  # t ≥ 1: the packing checks
+
+    def to_device(t: Tensor) -> Tensor:
+        return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+    pack = pack._replace(
+        **{
+            f: to_device(getattr(pack, f))
+            for f in (
+                "input_ids",
+                "position_ids",
+                "cu_seqlens_q",
+                "kv_indices",
+                "cu_seqlens_k",
+                "stream_index",
+            )
+        }
     )
+    return pack, to_device(pred), to_device(target), to_device(flat)
+
+
+def _to_padded(values: Tensor, flat: Tensor, shape: torch.Size) -> Tensor:
+    out = torch.zeros(shape.numel(), dtype=values.dtype, device=values.device)
+    return out.index_copy(0, flat, values).view(shape)
 
 
 def response_logprobs(
@@ -414,6 +552,7 @@ def response_logprobs(
     *,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    share_prefixes: bool = False,
 ) -> Tensor:
     """Per-token log-probs of the response tokens from one packed forward of an HF causal LM.
 
@@ -422,13 +561,15 @@ def response_logprobs(
     (position_ids = cumsum(mask) − 1) up to fp summation order. Gradients flow to all model parameters.
     Requires `model.set_attn_implementation(PACKED_ATTENTION)`; each row's valid tokens contiguous;
     response tokens inside the valid tokens and never at a row's first valid position.
+    `share_prefixes=True` packs with `pack_shared_prefixes`: rows with the same prompt (the tokens before
+    their first response token: GRPO's group of n samples) compute it once. Same result up to fp order.
     Shapes: input_ids [B, T] int, attention_mask [B, T] bool, response_mask [B, T] bool -> [B, T] fp32.
     """
-    packed, positions, hidden, targets, weight = _response_inputs(
-        model, input_ids, attention_mask, response_mask
+    hidden, targets, weight, flat = _response_inputs(
+        model, input_ids, attention_mask, response_mask, share_prefixes
     )
     lp = logprobs_from_hidden(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
-    return _to_padded(lp, packed, positions)
+    return _to_padded(lp, flat, input_ids.shape)
 
 
 def response_logprobs_and_entropy(
@@ -439,6 +580,7 @@ def response_logprobs_and_entropy(
     *,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    share_prefixes: bool = False,
 ) -> LogprobsEntropy:
     """`response_logprobs` plus the entropy of each response token's next-token distribution.
 
@@ -446,10 +588,10 @@ def response_logprobs_and_entropy(
     distribution that sampled input_ids[b, t] (verl's per-token entropy). Both outputs carry gradients.
     Shapes: as `response_logprobs` -> LogprobsEntropy(logprobs [B, T], entropy [B, T]) fp32.
     """
-    packed, positions, hidden, targets, weight = _response_inputs(
-        model, input_ids, attention_mask, response_mask
+    hidden, targets, weight, flat = _response_inputs(
+        model, input_ids, attention_mask, response_mask, share_prefixes
     )
     lp, ent = logprobs_and_entropy(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
     return LogprobsEntropy(
-        logprobs=_to_padded(lp, packed, positions), entropy=_to_padded(ent, packed, positions)
+        logprobs=_to_padded(lp, flat, input_ids.shape), entropy=_to_padded(ent, flat, input_ids.shape)
     )

@@ -26,31 +26,52 @@ def _rows(batch: RolloutBatch, rows: Sequence[int]) -> tuple[Tensor, Tensor, Ten
 
 
 def rows_logprobs(
-    model: nn.Module, batch: RolloutBatch, rows: Sequence[int], *, temperature: float
+    model: nn.Module,
+    batch: RolloutBatch,
+    rows: Sequence[int],
+    *,
+    temperature: float,
+    share_prefixes: bool = False,
 ) -> Tensor:
     """log π(response_ids[r, t]) for each row r of `rows` (with gradient), 0 off the response mask.
 
+    `share_prefixes=True`: rows of one prompt (a group's samples) compute the prompt once
+    (`rlprims.ops.pack_shared_prefixes`); the same values up to fp summation order, less compute.
     Shapes: batch with responses [B, R], rows k indices -> [k, R] fp32.
     """
-    out = response_logprobs(model, *_rows(batch, rows), temperature=temperature)
+    out = response_logprobs(
+        model, *_rows(batch, rows), temperature=temperature, share_prefixes=share_prefixes
+    )
     return out[:, batch.prompt_ids.shape[1] :]
 
 
 def rows_logprobs_and_entropy(
-    model: nn.Module, batch: RolloutBatch, rows: Sequence[int], *, temperature: float
+    model: nn.Module,
+    batch: RolloutBatch,
+    rows: Sequence[int],
+    *,
+    temperature: float,
+    share_prefixes: bool = False,
 ) -> LogprobsEntropy:
     """`rows_logprobs` and the entropy of each response token's sampling distribution (both with gradient).
 
     Shapes: batch with responses [B, R], rows k indices -> LogprobsEntropy([k, R], [k, R]) fp32.
     """
-    out = response_logprobs_and_entropy(model, *_rows(batch, rows), temperature=temperature)
+    out = response_logprobs_and_entropy(
+        model, *_rows(batch, rows), temperature=temperature, share_prefixes=share_prefixes
+    )
     p = batch.prompt_ids.shape[1]
     return LogprobsEntropy(logprobs=out.logprobs[:, p:], entropy=out.entropy[:, p:])
 
 
 @torch.no_grad()
 def batch_logprobs(
-    model: nn.Module, batch: RolloutBatch, parts: Iterable[Sequence[int]], *, temperature: float
+    model: nn.Module,
+    batch: RolloutBatch,
+    parts: Iterable[Sequence[int]],
+    *,
+    temperature: float,
+    share_prefixes: bool = False,
 ) -> Tensor:
     """The whole batch's log-probs without gradient (old or reference policy), one forward per part.
 
@@ -60,5 +81,7 @@ def batch_logprobs(
     """
     out = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=batch.response_ids.device)
     for part in parts:
-        out[list(part)] = rows_logprobs(model, batch, part, temperature=temperature)
+        out[list(part)] = rows_logprobs(
+            model, batch, part, temperature=temperature, share_prefixes=share_prefixes
+        )
     return out

@@ -94,7 +94,9 @@ from rlprims.ops.preference import (
 )
 from rlprims.ops.packing import (
     PackedSequences,
+    SharedPrefixPack,
     pack_sequences,
+    pack_shared_prefixes,
     pack_values,
     packed_response_positions,
     unpack_values,
@@ -189,7 +191,9 @@ __all__ = [
     "sppo_loss",
     "sppo_rewards",
     "PackedSequences",
+    "SharedPrefixPack",
     "pack_sequences",
+    "pack_shared_prefixes",
     "pack_values",
     "packed_response_positions",
     "unpack_values",

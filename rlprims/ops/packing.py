@@ -16,6 +16,23 @@ Rows with no valid token are dropped from the stream (they are not zero-length s
 kernels need not handle those); `unpack_values` fills them. Only this module converts between the two
 layouts: every other function takes `[B, T]` or `[N]` + `cu_seqlens`.
 
+Shared prefixes (`pack_shared_prefixes`): the `n` samples of a GRPO group repeat one prompt. Laying the
+prompt once and each row's continuation after it (a depth-1 tree) computes the prompt's tokens once for
+the group instead of n times; each continuation attends to its prompt and to itself, with the position
+ids it has in its own row, so every token's hidden state is the one the row alone would give. Layout
+(S segments: a prefix, or one row's continuation; N tokens; Nk keys):
+
+    input_ids      [N]     group 0's prefix, its rows' continuations, group 1's prefix, ...
+    position_ids   [N]     a token's position in its own row (a continuation goes on from its prefix)
+    cu_seqlens_q   [S+1]   int32; segment s is the queries [cu_seqlens_q[s], cu_seqlens_q[s+1])
+    kv_indices     [Nk]    int64; stream positions of each segment's keys: for a prefix itself, for a
+                           continuation its group's prefix and then itself
+    cu_seqlens_k   [S+1]   int32; segment s's keys are kv_indices[cu_seqlens_k[s]:cu_seqlens_k[s+1]]
+    stream_index   [B, T]  int64; stream position of each valid token of the padded batch, −1 elsewhere
+
+Causal attention over it is bottom-right aligned (query i of a segment with Lq queries and Lk keys sees
+keys j ≤ i + Lk − Lq), flash-attn's convention for Lq ≠ Lk: `rlprims.models.packed.varlen_attention`.
+
 Position ids match the padded model exactly when the padded forward uses
 position_ids = cumsum(attention_mask) − 1 (what verl and HF generation do for left padding), or the
 default arange for right padding.
@@ -32,6 +49,8 @@ from rlprims.ops._validate import check_mask, check_tensor
 
 __all__ = [
     "PackedSequences",
+    "SharedPrefixPack",
+    "pack_shared_prefixes",
     "pack_sequences",
     "pack_values",
     "packed_response_positions",
@@ -186,3 +205,105 @@ def packed_response_positions(response_mask: Tensor, packed: PackedSequences) ->
         )
     positions = torch.nonzero(packed_resp).flatten()
     return positions
+
+
+class SharedPrefixPack(NamedTuple):
+    """A packed batch whose rows share prefixes (module docstring): each distinct prefix once."""
+
+    input_ids: Tensor  # [N]
+    position_ids: Tensor  # [N] int64, each token's position in its own row
+    cu_seqlens_q: Tensor  # [S+1] int32, segments (a prefix or a continuation) of the stream
+    max_seqlen_q: int
+    kv_indices: Tensor  # [Nk] int64, each segment's key positions in the stream
+    cu_seqlens_k: Tensor  # [S+1] int32, segment s's keys: kv_indices[cu_seqlens_k[s]:cu_seqlens_k[s+1]]
+    max_seqlen_k: int
+    stream_index: Tensor  # [B, T] int64, stream position of each valid token, -1 under padding
+    num_groups: int  # distinct prefixes
+
+
+def pack_shared_prefixes(
+    input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+) -> SharedPrefixPack:
+    """Pack a padded batch with each distinct prefix laid once (GRPO's n samples of one prompt).
+
+    Row b's prefix is its valid tokens before its first response token (all of them when it has none);
+    its continuation is the rest of its valid tokens (response tokens, and in multi-turn rows the tool
+    or user tokens between turns). Rows whose prefixes are equal token for token form one group, in
+    order of first appearance: stream = prefix, then each row's continuation, group after group. A
+    forward over it with bottom-right causal varlen attention gives every token the hidden state of the
+    row's own forward: the logit that scores input_ids[b, t] is at stream position stream_index[b, t − 1].
+    Exact: the same products and sums as `pack_sequences`; only the duplicated prefix work goes.
+    Requires contiguous valid tokens per row and no response token at a row's first valid position.
+    Runs on the host (one copy of the masks); the result lives on the inputs' device.
+    Shapes: input_ids, attention_mask, response_mask [B, T] -> SharedPrefixPack (N ≤ Σ attention_mask).
+    """
+    check_tensor("input_ids", input_ids, ndim=2)
+    check_mask("attention_mask", attention_mask, input_ids.shape)
+    check_mask("response_mask", response_mask, input_ids.shape)
+    batch, seq_len = input_ids.shape
+    if batch == 0 or seq_len == 0:
+        raise ValueError(f"cannot pack an empty batch: input_ids has shape {tuple(input_ids.shape)}")
+    _check_contiguous(attention_mask)
+    if bool((response_mask & ~attention_mask).any()):
+        raise ValueError(
+            "response_mask has True positions where attention_mask is False (shape "
+            f"{tuple(response_mask.shape)}); responses must lie inside the valid tokens"
+        )
+    ids, valid, resp = input_ids.cpu(), attention_mask.cpu(), response_mask.cpu()
+    starts = valid.to(torch.int8).argmax(1).tolist()
+    lengths = valid.sum(1).tolist()
+    first_resp = torch.where(resp.any(1), resp.to(torch.int8).argmax(1), seq_len).tolist()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for b in range(batch):
+        if lengths[b] == 0:
+            continue
+        cut = min(first_resp[b], starts[b] + lengths[b])
+        if cut == starts[b]:
+            raise ValueError(
+                f"response_mask marks the first valid token of row {b} as a response token; a sequence's "
+                "first token has no preceding context to predict it"
+            )
+        groups.setdefault(tuple(ids[b, starts[b] : cut].tolist()), []).append(b)
+    if not groups:
+        raise ValueError(
+            f"attention_mask has no valid token (shape {tuple(attention_mask.shape)}); nothing to pack"
+        )
+    stream_ids, stream_pos, cu_q, kv, cu_k = [], [], [0], [], [0]
+    index = torch.full((batch, seq_len), -1, dtype=torch.int64)
+    n = 0
+    for prefix, rows in groups.items():
+        p = len(prefix)
+        prefix_pos = torch.arange(n, n + p)
+        stream_ids.append(torch.tensor(prefix, dtype=ids.dtype))
+        stream_pos.append(torch.arange(p))
+        kv.append(prefix_pos)
+        n += p
+        cu_q.append(n)
+        cu_k.append(cu_k[-1] + p)
+        for b in rows:
+            s, e = starts[b], starts[b] + lengths[b]
+            index[b, s : s + p] = prefix_pos
+            rest = e - (s + p)
+            if rest == 0:
+                continue
+            own = torch.arange(n, n + rest)
+            index[b, s + p : e] = own
+            stream_ids.append(ids[b, s + p : e])
+            stream_pos.append(torch.arange(p, p + rest))
+            kv += [prefix_pos, own]
+            n += rest
+            cu_q.append(n)
+            cu_k.append(cu_k[-1] + p + rest)
+    cu_q_t, cu_k_t = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    device = input_ids.device
+    return SharedPrefixPack(
+        input_ids=torch.cat(stream_ids).to(device),
+        position_ids=torch.cat(stream_pos).to(device),
+        cu_seqlens_q=cu_q_t.to(device),
+        max_seqlen_q=int((cu_q_t[1:] - cu_q_t[:-1]).max()),
+        kv_indices=torch.cat(kv).to(device),
+        cu_seqlens_k=cu_k_t.to(device),
+        max_seqlen_k=int((cu_k_t[1:] - cu_k_t[:-1]).max()),
+        stream_index=index.to(device),
+        num_groups=len(groups),
+    )

@@ -13,9 +13,10 @@ from rlprims.models.packed import (
     register_packed_attention,
     response_logprobs,
     response_logprobs_and_entropy,
+    shared_prefix_hidden_states,
     varlen_attention,
 )
-from rlprims.ops.packing import pack_sequences
+from rlprims.ops.packing import pack_sequences, pack_shared_prefixes
 from tests.tolerances import BF16_MODEL, LOGITS_FP32, REORDER
 
 VOCAB = 48
@@ -190,6 +191,114 @@ def test_varlen_attention_cpu_matches_block_diagonal_reference(causal):
         torch.testing.assert_close(a, b, **REORDER)
 
 
+def _segments_reference(q, k, v, bounds_q, bounds_k, causal, scale):
+    """Dense attention of each query segment over its key segment, causal bottom-right aligned."""
+    outs = []
+    for (a, b), (c, d) in zip(itertools.pairwise(bounds_q), itertools.pairwise(bounds_k)):
+        lq, lk = b - a, d - c
+        rep = q.shape[1] // k.shape[1]
+        kk, vv = k[c:d].repeat_interleave(rep, dim=1), v[c:d].repeat_interleave(rep, dim=1)
+        scores = torch.einsum("ihd,jhd->hij", q[a:b], kk) * scale
+        if causal:
+            allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append(torch.einsum("hij,jhd->ihd", scores.softmax(-1), vv))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_cpu_key_segments_bottom_right(causal):
+    g = torch.Generator().manual_seed(5)
+    bounds_q, bounds_k = [0, 3, 4, 9, 11], [0, 3, 9, 14, 20]  # 3 of 3, 1 of 6, 5 of 5, 2 of 6
+    q = torch.randn(11, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(20, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(20, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    cu_q, cu_k = (torch.tensor(b, dtype=torch.int32) for b in (bounds_q, bounds_k))
+    out = varlen_attention(q, k, v, cu_q, max_seqlen=5, scale=0.3, causal=causal, cu_seqlens_k=cu_k,
+                           max_seqlen_k=6)
+    ref = _segments_reference(q, k, v, bounds_q, bounds_k, causal, 0.3)
+    torch.testing.assert_close(out, ref, **REORDER)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))
+    ):
+        torch.testing.assert_close(a, b, **REORDER)
+    with pytest.raises(ValueError, match="at least as many keys as queries"):
+        bad = torch.tensor([0, 2, 8, 13, 20], dtype=torch.int32)  # segment 0: 3 causal queries, 2 keys
+        varlen_attention(q, k, v, cu_q, max_seqlen=5, scale=0.3, causal=True, cu_seqlens_k=bad,
+                         max_seqlen_k=7)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be int32"):
+        varlen_attention(q, k, v, cu_q, max_seqlen=5, scale=0.3, causal=True, cu_seqlens_k=cu_k.long(),
+                         max_seqlen_k=6)
+
+
+def _group_batch(side: str, device="cpu"):
+    """GRPO-like rows: prompts shared by groups (lengths differ between groups), responses of 0 to 8
+    tokens, and one multi-turn row whose response mask has a hole (a tool result inside the sequence)."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (4, 2, 5)]
+    rows = [(0, 3), (0, 8), (0, 1), (1, 6), (1, 0), (2, 5), (2, 7)]  # (prompt, response length)
+    width = 14
+    ids = torch.randint(0, VOCAB, (len(rows), width), generator=g)
+    attn = torch.zeros(len(rows), width, dtype=torch.bool)
+    resp = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, (j, n) in enumerate(rows):
+        p = prompts[j].numel()
+        start = width - p - n if side == "left" else 0
+        ids[b, start : start + p] = prompts[j]
+        attn[b, start : start + p + n] = True
+        resp[b, start + p : start + p + n] = True
+        if b == 6:  # the continuation's 3rd and 4th tokens are a tool result: in context, not scored
+            resp[b, start + p + 2 : start + p + 4] = False
+    return ids.to(device), attn.to(device), resp.to(device)
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_shared_prefixes_equal_padded_logprobs_entropy_and_gradients(make, side):
+    model = make()
+    ids, attn, resp = _group_batch(side)
+    g = torch.Generator().manual_seed(8)
+    w_lp, w_ent = torch.randn(ids.shape, generator=g), torch.randn(ids.shape, generator=g)
+    model.set_attn_implementation("sdpa")
+    ref_lp, ref_ent = _padded_reference(model, ids, attn, resp, temperature=0.7)
+    ref_grads = _grads(model, (ref_lp * w_lp).sum() + (ref_ent * w_ent).sum())
+
+    register_packed_attention()
+    model.set_attn_implementation(PACKED_ATTENTION)
+    garbage = torch.where(attn, ids, 10**6)  # padding ids are never read
+    out = response_logprobs_and_entropy(model, garbage, attn, resp, temperature=0.7, share_prefixes=True)
+    grads = _grads(model, (out.logprobs * w_lp).sum() + (out.entropy * w_ent).sum())
+    assert bool((out.logprobs[~resp] == 0).all()) and bool((out.entropy[~resp] == 0).all())
+    torch.testing.assert_close(out.logprobs, ref_lp, **LOGITS_FP32)
+    torch.testing.assert_close(out.entropy, ref_ent, **LOGITS_FP32)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, **LOGITS_FP32)
+    lp_only = response_logprobs(model, garbage, attn, resp, temperature=0.7, share_prefixes=True)
+    torch.testing.assert_close(lp_only, out.logprobs, **REORDER)
+
+    pack = pack_shared_prefixes(ids, attn, resp)
+    assert pack.num_groups == 3 and pack.input_ids.numel() == int(attn.sum()) - 2 * 4 - 1 * 2 - 1 * 5
+    hidden = shared_prefix_hidden_states(model, pack)
+    packed = pack_sequences(ids, attn)
+    flat = torch.full(attn.shape, -1).flatten().index_copy(0, packed.indices, torch.arange(int(attn.sum())))
+    whole = packed_hidden_states(model, packed)[flat.view(attn.shape)[attn]]
+    torch.testing.assert_close(hidden[pack.stream_index[attn]], whole, **REORDER)
+
+
+def test_shared_prefix_hidden_states_checks():
+    model = _llama()
+    register_packed_attention()
+    model.set_attn_implementation(PACKED_ATTENTION)
+    with pytest.raises(ValueError, match="must be a SharedPrefixPack"):
+        shared_prefix_hidden_states(model, pack_sequences(*_batch("right")[:2]))
+    with pytest.raises(ValueError, match="rlprims_kv_indices needs cu_seq_lens_k"):
+        packed = pack_sequences(*_batch("right")[:2])
+        model(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None],
+              cu_seq_lens_q=packed.cu_seqlens, max_length_q=packed.max_seqlen,
+              rlprims_kv_indices=torch.arange(packed.input_ids.numel()))
+
+
 def test_register_is_explicit_and_idempotent():
     code = (
         "import rlprims.models.packed as p\n"
@@ -236,7 +345,8 @@ def test_model_checks():
 
 def cuda(fn):
     """A CUDA test (selected by `-m gpu`): skipped without CUDA."""
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash / varlen_attn kernels)")
+    skip = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="needs CUDA (flash / varlen_attn kernels)")
     return pytest.mark.gpu(skip(fn))
 
 
@@ -288,3 +398,40 @@ def test_packed_equals_padded_cuda_fp32_uses_exact_path():
     lp = response_logprobs(model, ids, attn, resp, temperature=1.0)
     # CUDA matmuls may use TF32 when enabled; the attention itself runs per-sequence SDPA in fp32 here
     torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attention_cuda_key_segments_bottom_right(causal):
+    """The CUDA kernels' convention for queries fewer than keys (shared prefixes rely on it)."""
+    g = torch.Generator().manual_seed(6)
+    bounds_q, bounds_k = [0, 40, 41, 141, 170], [0, 40, 81, 181, 310]
+    q32 = torch.randn(170, 8, 64, generator=g)
+    k32, v32 = torch.randn(310, 2, 64, generator=g), torch.randn(310, 2, 64, generator=g)
+    w = torch.randn(170, 8, 64, generator=g).cuda()
+    cu_q, cu_k = (torch.tensor(b, dtype=torch.int32, device="cuda") for b in (bounds_q, bounds_k))
+    qkv = [t.cuda().bfloat16().requires_grad_(True) for t in (q32, k32, v32)]
+    out = varlen_attention(*qkv, cu_q, max_seqlen=100, scale=0.125, causal=causal, cu_seqlens_k=cu_k,
+                           max_seqlen_k=129)
+    grads = torch.autograd.grad((out.float() * w).sum(), qkv)
+    ref_in = [t.detach().float().requires_grad_(True) for t in qkv]
+    ref = _segments_reference(*ref_in, bounds_q, bounds_k, causal, 0.125)
+    ref_grads = torch.autograd.grad((ref * w).sum(), ref_in)
+    torch.testing.assert_close(out.float(), ref, **BF16_MODEL)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b, **BF16_MODEL)
+
+
+@cuda
+def test_shared_prefixes_equal_padded_cuda_bf16():
+    model = _qwen2(max_window_layers=0).cuda().bfloat16()
+    ids, attn, resp = _group_batch("left", device="cuda")
+    model.set_attn_implementation("sdpa")
+    ref_lp, ref_ent = _padded_reference(model, ids, attn, resp, temperature=1.0)
+    register_packed_attention()
+    model.set_attn_implementation(PACKED_ATTENTION)
+    out = response_logprobs_and_entropy(model, ids, attn, resp, temperature=1.0, share_prefixes=True)
+    torch.testing.assert_close(out.logprobs, ref_lp, **BF16_MODEL)
+    torch.testing.assert_close(out.entropy, ref_ent, **BF16_MODEL)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from rlprims.ops.packing import (
     PackedSequences,
+    pack_shared_prefixes,
     pack_sequences,
     pack_values,
     packed_response_positions,
@@ -161,3 +162,100 @@ def test_bad_inputs():
         unpack_values(torch.zeros(7), p)
     with pytest.raises(ValueError, match="PackedSequences"):
         unpack_values(torch.zeros(8), (1, 2))
+
+
+# ---- shared prefixes ---------------------------------------------------------------------------------
+
+
+def test_shared_prefixes_literal():
+    # rows 0 and 2 share the prompt [5, 6] (row 0 left-padded); row 1 has its own prompt [5]; row 3 no token
+    ids = torch.tensor([[0, 5, 6, 7, 8], [5, 9, 9, 0, 0], [5, 6, 3, 0, 0], [0, 0, 0, 0, 0]])
+    attn = _mask(["01111", "11100", "11100", "00000"])
+    resp = _mask(["00011", "01100", "00100", "00000"])
+    p = pack_shared_prefixes(ids, attn, resp)
+    # group [5, 6]: prefix, row 0's [7, 8], row 2's [3]; group [5]: prefix, row 1's [9, 9]
+    assert p.input_ids.tolist() == [5, 6, 7, 8, 3, 5, 9, 9]
+    assert p.position_ids.tolist() == [0, 1, 2, 3, 2, 0, 1, 2]
+    assert p.cu_seqlens_q.tolist() == [0, 2, 4, 5, 6, 8] and p.cu_seqlens_q.dtype == torch.int32
+    assert p.kv_indices.tolist() == [0, 1, 0, 1, 2, 3, 0, 1, 4, 5, 5, 6, 7]
+    assert p.cu_seqlens_k.tolist() == [0, 2, 6, 9, 10, 13]
+    assert (p.max_seqlen_q, p.max_seqlen_k, p.num_groups) == (2, 4, 2)
+    assert p.stream_index.tolist() == [[-1, 0, 1, 2, 3], [5, 6, 7, -1, -1], [0, 1, 4, -1, -1], [-1] * 5]
+
+
+@st.composite
+def _grouped_batches(draw):
+    """Rows of a few distinct prompts (some repeated, as GRPO's groups), continuations with holes in the
+    response mask (multi-turn), random padding on either side."""
+    seq_len = 12
+    prompts = [
+        draw(st.lists(st.integers(0, 3), min_size=1, max_size=4)) for _ in range(draw(st.integers(1, 3)))
+    ]
+    batch = draw(st.integers(1, 6))
+    ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    attn = torch.zeros(batch, seq_len, dtype=torch.bool)
+    resp = torch.zeros(batch, seq_len, dtype=torch.bool)
+    for b in range(batch):
+        prompt = prompts[draw(st.integers(0, len(prompts) - 1))]
+        rest = draw(st.lists(st.tuples(st.integers(0, 3), st.booleans()), max_size=seq_len - len(prompt)))
+        if rest:
+            rest[0] = (rest[0][0], True)  # the continuation starts with a response token
+        n = len(prompt) + len(rest)
+        start = draw(st.integers(0, seq_len - n))
+        ids[b, start : start + n] = torch.tensor(prompt + [t for t, _ in rest])
+        attn[b, start : start + n] = True
+        resp[b, start + len(prompt) : start + n] = torch.tensor([r for _, r in rest], dtype=torch.bool)
+    return ids, attn, resp
+
+
+@given(_grouped_batches())
+def test_shared_prefixes_every_token_sees_exactly_its_row(batch):
+    """The invariant that makes the shared forward exact: each valid token (b, t) lands at a stream
+    position holding the same id with the same position id, and the keys it attends to (its segment's,
+    bottom-right causal) are the stream positions of row b's tokens up to t, in order."""
+    ids, attn, resp = batch
+    p = pack_shared_prefixes(ids, attn, resp)
+    n = p.input_ids.numel()
+    assert p.cu_seqlens_q[-1] == n and p.cu_seqlens_k[-1] == p.kv_indices.numel()
+    segment = torch.searchsorted(p.cu_seqlens_q, torch.arange(n), right=True) - 1
+    lq, lk = p.cu_seqlens_q.diff(), p.cu_seqlens_k.diff()
+    assert p.max_seqlen_q == int(lq.max()) and p.max_seqlen_k == int(lk.max())
+    covered = torch.zeros(n, dtype=torch.bool)
+    for b in range(ids.shape[0]):
+        cols = torch.nonzero(attn[b]).flatten()
+        assert bool((p.stream_index[b][~attn[b]] == -1).all())
+        for k, t in enumerate(cols.tolist()):
+            i = int(p.stream_index[b, t])
+            covered[i] = True
+            assert p.input_ids[i] == ids[b, t] and p.position_ids[i] == k
+            s = int(segment[i])
+            keys = p.kv_indices[p.cu_seqlens_k[s] : p.cu_seqlens_k[s + 1]]
+            visible = keys[: i - int(p.cu_seqlens_q[s]) + 1 + int(lk[s] - lq[s])]
+            assert visible.tolist() == p.stream_index[b, cols[: k + 1]].tolist()
+    assert bool(covered.all())  # every stream token belongs to some row
+    first = resp.to(torch.int8).argmax(1)
+    prompts = {
+        tuple(ids[b][attn[b] & (torch.arange(12) < first[b])].tolist())
+        if resp[b].any()
+        else tuple(ids[b][attn[b]].tolist())
+        for b in range(ids.shape[0])
+        if attn[b].any()
+    }
+    assert p.num_groups == len(prompts)
+
+
+def test_shared_prefixes_bad_inputs():
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    attn = _mask(["0111", "1110"])
+    with pytest.raises(ValueError, match="first valid token of row 1"):
+        pack_shared_prefixes(ids, attn, _mask(["0011", "1000"]))
+    with pytest.raises(ValueError, match="where attention_mask is False"):
+        pack_shared_prefixes(ids, attn, _mask(["1011", "0000"]))
+    with pytest.raises(ValueError, match="row 1 has 2 separate runs"):
+        pack_shared_prefixes(ids, _mask(["0111", "1011"]), _mask(["0000", "0000"]))
+    with pytest.raises(ValueError, match="no valid token"):
+        pack_shared_prefixes(ids, _mask(["0000", "0000"]), _mask(["0000", "0000"]))
+    with pytest.raises(ValueError, match="empty batch"):
+        pack_shared_prefixes(torch.zeros(0, 4, dtype=torch.long), *(torch.zeros(0, 4, dtype=torch.bool),) * 2)
+    with pytest.raises(ValueError, match=r"response_mask must have shape \(2, 4\)"):
+        pack_shared_prefixes(ids, attn, torch.zeros(2, 3, dtype=torch.bool))

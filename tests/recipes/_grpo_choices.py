@@ -31,6 +31,7 @@ RUNS = [
          kl_coef=0.01, kl_estimator="abs+", rollout_rs="seq_max", rollout_is="token", lr_schedule="cosine",
          warmup_ratio=0.5, entropy_coeff=0.01),
 ]
+RUNS.append(dict(RUNS[0], share_prompts=False))  # each row whole: the same step as run 0, at more cost
 COMMON = dict(steps=1, prompts_per_rank=2, group_size=4, max_response_len=12, kv_cache_gb=0.1, val_prompts=2,
               save_every=0, lr=1e-3, reward_fn=str(REPO / "tests" / "recipes" / "_rewards.py") + ":letter_share")
 

@@ -67,3 +67,13 @@ def test_one_step_of_every_choice(runs):
         assert f"val-core/rlprims/arithmetic/acc/mean@{n}" in val, (flags, val)
         if n > 1:
             assert f"val-core/rlprims/arithmetic/acc/best@{n}/mean" in val
+
+
+def test_shared_prompts_change_the_cost_not_the_step(runs):
+    """Run 0 computes each group's prompt once (the default, --share-prompts true); the last run is run 0
+    with every row computed whole. Same rollouts, so the same step up to fp summation order."""
+    assert RUNS[-1] == dict(RUNS[0], share_prompts=False) and "share_prompts" not in RUNS[0]
+    shared, whole = (next(m for m in runs[i] if m["step"] == 1 and "actor/pg_loss" in m) for i in (0, -1))
+    assert shared["response_length/mean"] == whole["response_length/mean"]
+    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/kl_loss", "rollout_corr/kl"):
+        assert math.isclose(shared[key], whole[key], rel_tol=1e-4, abs_tol=1e-6), (key, shared[key], whole[key])
