@@ -12,8 +12,10 @@ Printed per size (mean over the steps after the first, as the issue's table):
   s/step and the recipe's timing_s/* phases (gen, reward, old_log_prob, adv, update_actor,
   update_weights), completion tokens/s/GPU (response tokens / step time), peak GPU memory of the device
   read through NVML every 50 ms over the whole run (what nvidia-smi shows; the driver's own ~0.5 GiB
-  included), and the update's MFU: 6 · params · (prompt + response tokens) / timing_s/update_actor /
-  the bf16 matmul rate measured at the end of the run (an 8192³ product).
+  included), and the update's MFU: 6 · params · computed tokens / timing_s/update_actor / the bf16
+  matmul rate measured at the end of the run (an 8192³ product); computed tokens = response tokens +
+  prompt tokens / n (each group's prompt once, `--share-prompts`, the default), or + all prompt tokens
+  with `--recipe-flags --share-prompts false`.
 And, with --standalone (default for 0.5b), the same vLLM generating the same batch on its own in a fresh
 process (vLLM's default multi-process engine, the recipe's engine settings: compiled, bf16, the fitted KV
 cache), twice: with vLLM's default max_num_seqs and with the recipe's; each without log-probs, with the
@@ -260,6 +262,11 @@ def main(argv=None) -> None:
         response_tokens = mean["response_length/mean"] * args.prompts * args.n
         row["completion_tok_s"] = round(response_tokens / mean["timing_s/step"])
         row["tokens"] = round(mean["perf/total_num_tokens"])
+        # the tokens the update computes: with --share-prompts (the default) each group's prompt once
+        with open(os.path.join(out_dir, "config.json")) as f:
+            shared = json.load(f).get("share_prompts", False)  # the flags the recipe ran with
+        prompt_tokens = mean["perf/total_num_tokens"] - response_tokens
+        row["computed_tokens"] = round(response_tokens + (prompt_tokens / args.n if shared else prompt_tokens))
         row["peak_gib_nvml"] = round(peak / 2**30, 1) if peak else None
         row["baseline_gib_nvml"] = round(baseline / 2**30, 1) if peak else None
         standalone_on = args.standalone if args.standalone is not None else size == "0.5b"
@@ -290,7 +297,7 @@ def main(argv=None) -> None:
     peak_tflops = bf16_peak_tflops()
     for row in table:
         t = row["_mean"].get("timing_s/update_actor", 0.0)
-        row["update_mfu"] = round(6 * row.pop("_params") * row["_mean"]["perf/total_num_tokens"] / t / 1e12
+        row["update_mfu"] = round(6 * row.pop("_params") * row["computed_tokens"] / t / 1e12
                                   / peak_tflops, 3) if t else None
         row.pop("_mean")
     import torch
@@ -300,7 +307,7 @@ def main(argv=None) -> None:
           f"{args.prompts} prompts × {args.n} × ≤{args.response_len} tokens, vocab {args.vocab}, "
           f"bf16 matmul {peak_tflops:.0f} TFLOP/s; recipe flags: {' '.join(args.recipe_flags) or 'defaults'}")
     cols = ["size", "params_b", "steps", "step_s", *(f"{k}_s" for k in PHASES), "completion_tok_s",
-            "peak_gib_nvml", "update_mfu", "standalone_gen_s", "gen_vs_standalone", "tokens", "recipe_wall_s"]
+            "peak_gib_nvml", "update_mfu", "standalone_gen_s", "gen_vs_standalone", "tokens", "computed_tokens", "recipe_wall_s"]
     cols = [c for c in cols if any(c in r for r in table)]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
