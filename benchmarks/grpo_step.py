@@ -14,8 +14,8 @@ Printed per size (mean over the steps after the first, as the issue's table):
   read through NVML every 50 ms over the whole run (what nvidia-smi shows; the driver's own ~0.5 GiB
   included), and the update's MFU: 6 · params · computed tokens / timing_s/update_actor / the bf16
   matmul rate measured at the end of the run (an 8192³ product); computed tokens = response tokens +
-  prompt tokens / n (each group's prompt once, `--share-prompts`, the default), or + all prompt tokens
-  with `--recipe-flags --share-prompts false`.
+  prompt tokens / n with `--recipe-flags --share-prompts true` (each group's prompt once), else +
+  all prompt tokens (the default on a GPU).
 And, with --standalone (default for 0.5b), the same vLLM generating the same batch on its own in a fresh
 process (vLLM's default multi-process engine, the recipe's engine settings: compiled, bf16, the fitted KV
 cache), twice: with vLLM's default max_num_seqs and with the recipe's; each without log-probs, with the
@@ -51,6 +51,12 @@ from benchmarks.weight_sync import GEOMETRIES  # noqa: E402  (Qwen2 geometries s
 PHASES = ("gen", "reward", "old_log_prob", "adv", "update_actor", "update_weights")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def constant_score(data_source, solution_str, ground_truth, extra_info=None) -> float:
@@ -264,9 +270,11 @@ def main(argv=None) -> None:
         row["tokens"] = round(mean["perf/total_num_tokens"])
         # the tokens the update computes: with --share-prompts (the default) each group's prompt once
         with open(os.path.join(out_dir, "config.json")) as f:
-            shared = json.load(f).get("share_prompts", False)  # the flags the recipe ran with
+            shared = json.load(f).get("share_prompts")  # as the recipe ran; unset = fit (on CPU only)
+        if shared is None:
+            shared = not torch_cuda_available()
         prompt_tokens = mean["perf/total_num_tokens"] - response_tokens
-        row["computed_tokens"] = round(response_tokens + (prompt_tokens / args.n if shared else prompt_tokens))
+        row["computed_tokens"] = round(response_tokens + prompt_tokens / (args.n if shared else 1))
         row["peak_gib_nvml"] = round(peak / 2**30, 1) if peak else None
         row["baseline_gib_nvml"] = round(baseline / 2**30, 1) if peak else None
         standalone_on = args.standalone if args.standalone is not None else size == "0.5b"

@@ -182,7 +182,7 @@ def main(args: Args) -> None:
         shard_model(m, mesh, param_dtype=compute if compute != dtype else None,
                     activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    forward_kw = {"temperature": args.temperature, "share_prefixes": args.share_prompts}  # trainer log-probs
+    forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts}  # trainer log-probs
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
     estimate = advantage_estimators(args.group_size, dp)[args.adv_estimator]
     policy_loss = policy_losses(args.clip_low, args.clip_high, args.clip_dual)[args.policy_loss]

@@ -219,7 +219,7 @@ def main(args: Args) -> None:
         def logprobs_and_entropy(part):  # the trainer's forward over the rows' prompt and all their turns
             idx = torch.tensor(part, dtype=torch.long, device=device)
             out = response_logprobs_and_entropy(model, *(t[idx] for t in seqs), temperature=args.temperature,
-                                                share_prefixes=args.share_prompts)
+                                                share_prefixes=fit.share_prompts)
             return out.logprobs[:, P:], out.entropy[:, P:]
 
         with timed(timing, "old_log_prob"), torch.no_grad():  # ---- π_old, only when several updates -----

@@ -75,6 +75,7 @@ class DeviceFit(NamedTuple):
     cpu_offload: bool  # shard_model(cpu_offload=...); the model stays on the CPU until sharded
     max_num_seqs: int | None = None  # vLLM's max_num_seqs; None: vLLM's default (CPU)
     rollout_logprobs: bool = True  # generate(logprobs=...): the engine's log-prob of each sampled token
+    share_prompts: bool = True  # rows_logprobs*(share_prefixes=...): each group's prompt computed once
 
     @property
     def engine_kwargs(self) -> dict[str, Any]:
@@ -165,6 +166,14 @@ def _rollout_logprobs(args: Any, *, cuda: bool) -> bool:
     return bool(explicit) if explicit is not None else needed or not cuda
 
 
+def _share_prompts(args: Any, *, cuda: bool) -> bool:
+    """--share-prompts, or fit: on CPU. On CUDA the shared-prefix forward needs the varlen kernels'
+    bottom-right causal alignment for queries fewer than keys; until `-m gpu` has passed
+    tests/models/test_packed.py's checks of it on a GPU, it is not the default there."""
+    explicit = getattr(args, "share_prompts", None)
+    return bool(explicit) if explicit is not None else not cuda
+
+
 def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, rows: int) -> DeviceFit:
     """Resolves a recipe's "fit" flags for `device`; explicit flag values are kept as given.
 
@@ -172,7 +181,7 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
     compile_engine (None = compile on CUDA), kv_cache_gb (0 = fit), gpu_memory_utilization (the engine's
     share of the GPU: weights + KV cache, as vLLM's), sleep_level (-1 = fit: 2 on CUDA, 0 on CPU),
     max_tokens_per_micro_batch (0 = fit), activation_checkpointing (None = fit), rollout_logprobs (None =
-    fit; rollout_is / rollout_rs need them), max_prompt_len +
+    fit; rollout_is / rollout_rs need them), share_prompts (None = fit: on CPU), max_prompt_len +
     max_response_len (the engine's max_model_len), tp, dtype (master weights), compute_dtype.
     dist: from `rlprims.launch.init` (its device, and the world size the trainer state is sharded over).
     rows: sequences each engine generates at once (0 for a recipe without an engine).
@@ -190,6 +199,7 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
             gather_once=False,
             cpu_offload=False,
             rollout_logprobs=_rollout_logprobs(args, cuda=False),
+            share_prompts=_share_prompts(args, cuda=False),
         )
     total = torch.cuda.get_device_properties(dist.device).total_memory
     return fit_to_memory(args, model_geometry(model_dir), total_memory=total, world_size=dist.world_size,
@@ -251,4 +261,5 @@ def fit_to_memory(
         cpu_offload=cpu_offload,
         max_num_seqs=max(256, -(-rows // 8) * 8) if rows else None,
         rollout_logprobs=_rollout_logprobs(args, cuda=True),
+        share_prompts=_share_prompts(args, cuda=True),
     )

@@ -118,3 +118,11 @@ def test_model_geometry_counts_the_parameters(tmp_path):
     model = AutoModelForCausalLM.from_config(cfg)
     assert g.params == sum(p.numel() for p in model.parameters())
     assert (g.layers, g.hidden, g.intermediate, g.vocab, g.kv_heads, g.head_dim) == (2, 32, 48, 64, 2, 8)
+
+
+def test_share_prompts_on_cpu_by_default_and_as_given():
+    assert fit_to_device(RunArgs(), "unused-on-cpu", CPU, rows=16).share_prompts
+    assert not fit_to_device(RunArgs(share_prompts=False), "unused-on-cpu", CPU, rows=16).share_prompts
+    gpu = lambda **kw: fit_to_memory(SimpleNamespace(**WORKLOAD, **kw), Q05, total_memory=H200,  # noqa: E731
+                                     world_size=1, rows=512).share_prompts
+    assert not gpu() and gpu(share_prompts=True)

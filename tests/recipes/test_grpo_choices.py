@@ -70,7 +70,7 @@ def test_one_step_of_every_choice(runs):
 
 
 def test_shared_prompts_change_the_cost_not_the_step(runs):
-    """Run 0 computes each group's prompt once (the default, --share-prompts true); the last run is run 0
+    """Run 0 computes each group's prompt once (the default on CPU); the last run is run 0
     with every row computed whole. Same rollouts, so the same step up to fp summation order."""
     assert RUNS[-1] == dict(RUNS[0], share_prompts=False) and "share_prompts" not in RUNS[0]
     shared, whole = (next(m for m in runs[i] if m["step"] == 1 and "actor/pg_loss" in m) for i in (0, -1))
