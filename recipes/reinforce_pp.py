@@ -172,7 +172,7 @@ def main(args: Args) -> None:
                 shaped = ops.kl_in_reward(token_rewards, kl, mask, kl_coef=args.kl_coef)
                 token_rewards, kl_metrics = shaped.rewards, shaped.metrics
             rewards = token_rewards.sum(-1)  # r_i − β Σ_t kl_t
-            if args.baseline:  # REINFORCE++-baseline: r_i − mean of its group, on every token of the response
+            if args.baseline:  # REINFORCE++-baseline: r_i − its group mean, on every response token
                 returns = ops.drgrpo_advantages(rewards, mask, group_size=args.group_size)
                 advantages = dist_reinforce_pp_baseline_advantages(rewards, mask, group_size=args.group_size,
                                                                    group=dp)

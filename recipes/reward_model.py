@@ -7,8 +7,8 @@ is the head applied to the final hidden state of its last token that is not the 
 the HF class computes on a right-padded batch, so the export loads and scores with plain transformers:
     AutoModelForSequenceClassification.from_pretrained(out_dir / "hf")(input_ids, attention_mask).logits[:, 0]
 (`save_pretrained` writes the backbone, `score.weight` and a config naming *ForSequenceClassification.)
-Loss per pair: −log σ(r_chosen − r_rejected), averaged over the pairs of the whole step (all micro-batches,
-all ranks). Chosen and rejected of a pair are packed into the same micro-batch (one padding-free forward).
+Loss per pair: −log σ(r_c − r_r) (chosen, rejected), averaged over the pairs of the whole step (all
+micro-batches, all ranks). Chosen and rejected of a pair share a micro-batch (one padding-free forward).
 AdamW with linear warmup and cosine decay. Held-out pairs every `val_every` steps: accuracy (fraction with
 r_chosen > r_rejected), loss, margin.
 
@@ -180,7 +180,7 @@ def main(args: Args) -> None:
         return r[: len(counted)], r[len(counted):], counted
 
     def pair_stats(r_chosen, r_rejected, counted, num_pairs):
-        """Loss −log σ(r_c − r_r) summed over counted pairs / num_pairs (the step's total), and its stats."""
+        """Loss −log σ(r_c − r_r) summed over counted pairs / num_pairs (the step total), and stats."""
         margin = r_chosen - r_rejected
         loss = torch.where(counted, -F.logsigmoid(margin), 0.0).sum() / num_pairs
         won = torch.where(counted, (margin > 0).float(), 0.0).sum().item() / num_pairs

@@ -155,12 +155,12 @@ def main(args: Args) -> None:
                                    mini_batches=args.mini_batches)  # as many micro-batches on every rank
         on_policy = args.mini_batches == args.epochs == 1
 
-        with timed(timing, "old_log_prob"):  # ---- π_old and π_ref (no grad): the KL reward needs both ------
+        with timed(timing, "old_log_prob"):  # ---- π_old and π_ref (no grad): the KL reward needs both ---
             logprobs_of = partial(batch_logprobs, batch=batch, parts=sum(plans, []), **forward_kw)
             old_logprobs = logprobs_of(model) if not on_policy or ref_model is not None else None
             ref_logprobs = logprobs_of(ref_model) if ref_model is not None else None
 
-        with timed(timing, "adv"):  # ---- reward − β Σ_t k1(π_old, π_ref), leave-one-out advantages --------
+        with timed(timing, "adv"):  # ---- reward − β Σ_t k1(π_old, π_ref), leave-one-out advantages ---
             rewards, kl_metrics = scores, {}
             if ref_model is not None:
                 kl = ops.kl_k1(old_logprobs, ref_logprobs)

@@ -3,7 +3,7 @@
 Ouyang et al. 2022 (InstructGPT), arXiv:2203.02155, step 1; verl's SFT trainer (`fsdp_sft_trainer`).
 Each step every rank takes `batch_size` conversations (a disjoint slice of the global batch), packs them
 into micro-batches of at most `max_tokens_per_micro_batch` tokens, and minimizes the negative log-likelihood
-of the response tokens only (`sft_tokens` masks system/user/template tokens out): loss = −Σ log π(y_t) / N,
+of the response tokens only (`sft_tokens` masks system/user/template tokens): loss = −Σ log π(y_t) / N,
 N the number of response tokens of the whole step (all micro-batches, all ranks), so the gradient is that of
 one big batch. AdamW with linear warmup then cosine decay (as verl's sft_trainer.yaml: lr 1e-5, betas
 (0.9, 0.95), weight decay 0.01, warmup 10% of the steps, grad clip 1.0). Validation loss every `val_every`.

@@ -383,20 +383,25 @@ def packed_hidden_states(model: nn.Module, packed: PackedSequences) -> Tensor:
         raise ValueError(
             f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}"
         )
+    cu, n = packed.cu_seqlens, packed.max_seqlen
+    return _stream_hidden_states(model, packed.input_ids, packed.position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                 max_length_q=n, max_length_k=n)
+
+
+def _stream_hidden_states(model: nn.Module, input_ids: Tensor, position_ids: Tensor, **attention) -> Tensor:
+    """The backbone's last hidden states [N, H] of a token stream [N]; `attention`: the varlen keywords
+    transformers forwards to PACKED_ATTENTION (cu_seq_lens_q/k, max_length_q/k, rlprims_kv_indices)."""
     # Through the causal LM's own forward, not the backbone's: FSDP2 gathers the root module's parameters
     # (embedding, final norm, LM head) in the root's forward hook. No logits are computed (an empty
     # `logits_to_keep`); the last entry of `hidden_states` is the backbone's normed output.
     out = model(
-        input_ids=packed.input_ids.unsqueeze(0),
+        input_ids=input_ids.unsqueeze(0),
         attention_mask=None,
-        position_ids=packed.position_ids.unsqueeze(0),
+        position_ids=position_ids.unsqueeze(0),
         use_cache=False,
-        logits_to_keep=torch.zeros(0, dtype=torch.long, device=packed.input_ids.device),
+        logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
         output_hidden_states=True,
-        cu_seq_lens_q=packed.cu_seqlens,
-        cu_seq_lens_k=packed.cu_seqlens,
-        max_length_q=packed.max_seqlen,
-        max_length_k=packed.max_seqlen,
+        **attention,
     )
     return out.hidden_states[-1][0]
 
@@ -413,20 +418,9 @@ def shared_prefix_hidden_states(model: nn.Module, pack: SharedPrefixPack) -> Ten
         raise ValueError(
             f"pack must be a SharedPrefixPack (from pack_shared_prefixes), got {type(pack).__name__}"
         )
-    out = model(
-        input_ids=pack.input_ids.unsqueeze(0),
-        attention_mask=None,
-        position_ids=pack.position_ids.unsqueeze(0),
-        use_cache=False,
-        logits_to_keep=torch.zeros(0, dtype=torch.long, device=pack.input_ids.device),
-        output_hidden_states=True,
-        cu_seq_lens_q=pack.cu_seqlens_q,
-        cu_seq_lens_k=pack.cu_seqlens_k,
-        max_length_q=pack.max_seqlen_q,
-        max_length_k=pack.max_seqlen_k,
-        rlprims_kv_indices=pack.kv_indices,
-    )
-    return out.hidden_states[-1][0]
+    return _stream_hidden_states(model, pack.input_ids, pack.position_ids, cu_seq_lens_q=pack.cu_seqlens_q,
+                                 cu_seq_lens_k=pack.cu_seqlens_k, max_length_q=pack.max_seqlen_q,
+                                 max_length_k=pack.max_seqlen_k, rlprims_kv_indices=pack.kv_indices)
 
 
 def _lm_head_weight(model: nn.Module) -> Tensor:
