@@ -384,8 +384,10 @@ def packed_hidden_states(model: nn.Module, packed: PackedSequences) -> Tensor:
             f"packed must be a PackedSequences (from pack_sequences), got {type(packed).__name__}"
         )
     cu, n = packed.cu_seqlens, packed.max_seqlen
-    return _stream_hidden_states(model, packed.input_ids, packed.position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                 max_length_q=n, max_length_k=n)
+    return _stream_hidden_states(
+        model, packed.input_ids, packed.position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n,
+        max_length_k=n,
+    )
 
 
 def _stream_hidden_states(model: nn.Module, input_ids: Tensor, position_ids: Tensor, **attention) -> Tensor:
