@@ -53,12 +53,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "special_tokens_map.json")
 
 
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def constant_score(data_source, solution_str, ground_truth, extra_info=None) -> float:
     """The issue's reward: 1 for every response (all advantages 0; the work of a step is unchanged)."""
     return 1.0
@@ -243,6 +237,8 @@ def main(argv=None) -> None:
         from rlprims.rollout import default_model_path
 
         tokenizer = default_model_path()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     table, standalone_rows = [], []
     for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         if size not in GEOMETRIES:
@@ -270,9 +266,7 @@ def main(argv=None) -> None:
         row["tokens"] = round(mean["perf/total_num_tokens"])
         # the tokens the update computes: with --share-prompts (the default) each group's prompt once
         with open(os.path.join(out_dir, "config.json")) as f:
-            shared = json.load(f).get("share_prompts")  # as the recipe ran; unset = fit (on CPU only)
-        if shared is None:
-            shared = not torch_cuda_available()
+            shared = json.load(f).get("share_prompts") is not False  # as the recipe ran; unset = fit: on
         prompt_tokens = mean["perf/total_num_tokens"] - response_tokens
         row["computed_tokens"] = round(response_tokens + prompt_tokens / (args.n if shared else 1))
         row["peak_gib_nvml"] = round(peak / 2**30, 1) if peak else None
@@ -315,7 +309,8 @@ def main(argv=None) -> None:
           f"{args.prompts} prompts × {args.n} × ≤{args.response_len} tokens, vocab {args.vocab}, "
           f"bf16 matmul {peak_tflops:.0f} TFLOP/s; recipe flags: {' '.join(args.recipe_flags) or 'defaults'}")
     cols = ["size", "params_b", "steps", "step_s", *(f"{k}_s" for k in PHASES), "completion_tok_s",
-            "peak_gib_nvml", "update_mfu", "standalone_gen_s", "gen_vs_standalone", "tokens", "computed_tokens", "recipe_wall_s"]
+            "peak_gib_nvml", "update_mfu", "standalone_gen_s", "gen_vs_standalone", "tokens",
+            "computed_tokens", "recipe_wall_s"]
     cols = [c for c in cols if any(c in r for r in table)]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -67,8 +67,7 @@ class RunArgs:
     the model and the GPU's memory, rlprims.launch.sizing)."""
     share_prompts: bool | None = None
     """Compute each prompt once for its group's samples in the trainer's forward/backward (exact: same
-    values up to fp summation order; rlprims.ops.pack_shared_prefixes); unset = on CPU, off on GPUs
-    (its CUDA attention path is not yet verified on a GPU)."""
+    values up to fp summation order; rlprims.ops.pack_shared_prefixes); unset = on."""
     activation_checkpointing: bool | None = None
     """Recompute each decoder layer in backward instead of storing it; unset = only where the micro-batch
     would not fit without (GPU; never on CPU)."""

@@ -166,12 +166,24 @@ def _rollout_logprobs(args: Any, *, cuda: bool) -> bool:
     return bool(explicit) if explicit is not None else needed or not cuda
 
 
-def _share_prompts(args: Any, *, cuda: bool) -> bool:
-    """--share-prompts, or fit: on CPU. On CUDA the shared-prefix forward needs the varlen kernels'
-    bottom-right causal alignment for queries fewer than keys; until `-m gpu` has passed
-    tests/models/test_packed.py's checks of it on a GPU, it is not the default there."""
+def _check_host_memory(g: ModelGeometry, host_state: int, host_memory: int | None, master: int,
+                       total: int) -> None:
+    if host_memory is None or host_state <= 0.8 * host_memory:
+        return
+    hint = "--dtype bfloat16 (half the state), " if master > 2 else ""
+    raise ValueError(
+        f"a {g.params / 1e9:.2f}B model's trainer state (weights, gradients, Adam: "
+        f"{host_state / GiB:.0f} GiB on this node) does not fit beside the activations on the "
+        f"{total / GiB:.0f} GiB GPU, and offloaded to the CPU it would take more than 80 % of the host's "
+        f"{host_memory / GiB:.0f} GiB: use {hint}or more GPUs (FSDP2 shards the state across them)"
+    )
+
+
+def _share_prompts(args: Any) -> bool:
+    """--share-prompts, or fit: on (exact, and never more work; on CUDA it relies on the varlen kernels'
+    bottom-right causal alignment, which tests/models/test_packed.py checks with `-m gpu`)."""
     explicit = getattr(args, "share_prompts", None)
-    return bool(explicit) if explicit is not None else not cuda
+    return bool(explicit) if explicit is not None else True
 
 
 def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, rows: int) -> DeviceFit:
@@ -181,7 +193,7 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
     compile_engine (None = compile on CUDA), kv_cache_gb (0 = fit), gpu_memory_utilization (the engine's
     share of the GPU: weights + KV cache, as vLLM's), sleep_level (-1 = fit: 2 on CUDA, 0 on CPU),
     max_tokens_per_micro_batch (0 = fit), activation_checkpointing (None = fit), rollout_logprobs (None =
-    fit; rollout_is / rollout_rs need them), share_prompts (None = fit: on CPU), max_prompt_len +
+    fit; rollout_is / rollout_rs need them), share_prompts (None = fit: on), max_prompt_len +
     max_response_len (the engine's max_model_len), tp, dtype (master weights), compute_dtype.
     dist: from `rlprims.launch.init` (its device, and the world size the trainer state is sharded over).
     rows: sequences each engine generates at once (0 for a recipe without an engine).
@@ -199,17 +211,30 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
             gather_once=False,
             cpu_offload=False,
             rollout_logprobs=_rollout_logprobs(args, cuda=False),
-            share_prompts=_share_prompts(args, cuda=False),
+            share_prompts=_share_prompts(args),
         )
     total = torch.cuda.get_device_properties(dist.device).total_memory
     return fit_to_memory(args, model_geometry(model_dir), total_memory=total, world_size=dist.world_size,
-                         rows=rows)
+                         rows=rows, host_memory=host_memory_bytes(), local_world_size=dist.local_world_size)
+
+
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory (bytes), or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def fit_to_memory(
-    args: Any, g: ModelGeometry, *, total_memory: int, world_size: int, rows: int
+    args: Any, g: ModelGeometry, *, total_memory: int, world_size: int, rows: int,
+    host_memory: int | None = None, local_world_size: int = 1,
 ) -> DeviceFit:
-    """`fit_to_device` for a GPU of `total_memory` bytes and a model of geometry `g` (no device needed)."""
+    """`fit_to_device` for a GPU of `total_memory` bytes and a model of geometry `g` (no device needed).
+
+    host_memory: the machine's RAM in bytes (None = unknown): CPU offload must leave a fifth of it free
+    for the `local_world_size` processes' pinned shards, or this raises instead of letting the job be
+    killed by the OOM killer mid-run."""
     total = total_memory
     compile_engine, kv_gb, sleep, tokens, checkpointing = _flags(args)
     tp = int(getattr(args, "tp", 1) or 1)
@@ -235,6 +260,7 @@ def fit_to_memory(
     state = g.params * 4 * master // max(world_size, 1)
     cpu_offload = state > usable // 2
     if cpu_offload:
+        _check_host_memory(g, state * local_world_size, host_memory, master, total)
         state = 0
     gather_extra = 6 * g.params
     gather = gather_extra <= 0.05 * total or (cpu_offload and gather_extra <= (usable - state) // 2)
@@ -261,5 +287,5 @@ def fit_to_memory(
         cpu_offload=cpu_offload,
         max_num_seqs=max(256, -(-rows // 8) * 8) if rows else None,
         rollout_logprobs=_rollout_logprobs(args, cuda=True),
-        share_prompts=_share_prompts(args, cuda=True),
+        share_prompts=_share_prompts(args),
     )

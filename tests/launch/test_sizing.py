@@ -78,6 +78,24 @@ def test_gpu_choices_for_the_measured_geometries():
     assert not node.cpu_offload and not node.gather_once
 
 
+def test_cpu_offload_must_fit_the_host():
+    """7B with fp32 masters on one H200: 113 GiB of state goes to the CPU; a 128 GiB host (the H200
+    machine's) would be killed mid-run, so the fit says what to change instead."""
+    args = SimpleNamespace(**WORKLOAD)
+    with pytest.raises(ValueError, match=r"7\.62B model.*113 GiB.*128 GiB: use --dtype bfloat16"):
+        fit_to_memory(args, Q7, total_memory=H200, world_size=1, rows=512, host_memory=128 * GiB)
+    roomy = fit_to_memory(args, Q7, total_memory=H200, world_size=1, rows=512, host_memory=512 * GiB)
+    assert roomy.cpu_offload
+    # four ranks of one node pin four quarters: the node holds the whole state again
+    with pytest.raises(ValueError, match="more GPUs"):
+        fit_to_memory(args, Q7, total_memory=H200 // 3, world_size=4, rows=512, host_memory=128 * GiB,
+                      local_world_size=4)
+    # bf16 masters (what the 7B H200 run used): 57 GiB of state stays on the GPU, with checkpointing
+    bf16 = fit_to_memory(SimpleNamespace(**WORKLOAD, dtype="bfloat16"), Q7, total_memory=H200, world_size=1,
+                         rows=512, host_memory=128 * GiB)
+    assert not bf16.cpu_offload and bf16.checkpointing and not bf16.gather_once
+
+
 def test_rollout_logprobs_where_something_reads_them():
     cpu = fit_to_device(RunArgs(), "unused-on-cpu", CPU, rows=16)
     assert cpu.rollout_logprobs  # CPU: kept on (rollout_corr/* in every run)
@@ -120,9 +138,9 @@ def test_model_geometry_counts_the_parameters(tmp_path):
     assert (g.layers, g.hidden, g.intermediate, g.vocab, g.kv_heads, g.head_dim) == (2, 32, 48, 64, 2, 8)
 
 
-def test_share_prompts_on_cpu_by_default_and_as_given():
+def test_share_prompts_on_by_default_and_as_given():
     assert fit_to_device(RunArgs(), "unused-on-cpu", CPU, rows=16).share_prompts
     assert not fit_to_device(RunArgs(share_prompts=False), "unused-on-cpu", CPU, rows=16).share_prompts
     gpu = lambda **kw: fit_to_memory(SimpleNamespace(**WORKLOAD, **kw), Q05, total_memory=H200,  # noqa: E731
                                      world_size=1, rows=512).share_prompts
-    assert not gpu() and gpu(share_prompts=True)
+    assert gpu() and gpu(share_prompts=True) and not gpu(share_prompts=False)
