@@ -115,7 +115,7 @@ def run_recipe(args, model_dir: str, out_dir: str, log_path: str) -> tuple[list[
     cmd = [sys.executable, os.path.join(_REPO, "recipes", "grpo.py"), "--model", model_dir,
            "--out-dir", out_dir, "--steps", str(args.steps), "--prompts-per-rank", str(args.prompts),
            "--group-size", str(args.n), "--max-response-len", str(args.response_len), "--lr", "1e-6",
-           "--val-prompts", "0", "--save-every", "0",
+           "--val-prompts", "0", "--save-every", "-1",  # no checkpoint (7B's is 39 GB)
            "--reward-fn", f"{os.path.abspath(__file__)}:constant_score", *args.recipe_flags]
     env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -127,13 +127,19 @@ def run_recipe(args, model_dir: str, out_dir: str, log_path: str) -> tuple[list[
         proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.recipe_timeout)
     wall = time.perf_counter() - t0
     memory.stop()
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    rows = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in rows if r.get("step", 0) >= 1 and "timing_s/step" in r]
     if proc.returncode != 0:
         with open(log_path) as f:
             sys.stderr.write(f.read()[-6000:])
-        raise SystemExit(f"grpo_step.py: the recipe failed (exit code {proc.returncode}); log above")
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    steps = [r for r in rows if r.get("step", 0) >= 1 and "timing_s/step" in r]
+        if len(steps) < args.steps:
+            raise SystemExit(f"grpo_step.py: the recipe failed (exit code {proc.returncode}); log above")
+        print(f"grpo_step.py: the recipe failed after its {args.steps} timed steps (exit code "
+              f"{proc.returncode}, log above); they are reported", file=sys.stderr, flush=True)
     return steps, wall, memory.peak, memory.baseline
 
 
@@ -270,6 +276,8 @@ def main(argv=None) -> None:
         prompt_tokens = mean["perf/total_num_tokens"] - response_tokens
         row["computed_tokens"] = round(response_tokens + prompt_tokens / (args.n if shared else 1))
         row["peak_gib_nvml"] = round(peak / 2**30, 1) if peak else None
+        allocated = [r["perf/max_memory_allocated_gb"] for r in rows if "perf/max_memory_allocated_gb" in r]
+        row["trainer_peak_alloc_gib"] = round(max(allocated), 1) if allocated else None  # PyTorch's
         row["baseline_gib_nvml"] = round(baseline / 2**30, 1) if peak else None
         standalone_on = args.standalone if args.standalone is not None else size == "0.5b"
         if standalone_on:  # vLLM's default max_num_seqs, then the recipe's (as fit_to_device picks it)
@@ -309,8 +317,8 @@ def main(argv=None) -> None:
           f"{args.prompts} prompts × {args.n} × ≤{args.response_len} tokens, vocab {args.vocab}, "
           f"bf16 matmul {peak_tflops:.0f} TFLOP/s; recipe flags: {' '.join(args.recipe_flags) or 'defaults'}")
     cols = ["size", "params_b", "steps", "step_s", *(f"{k}_s" for k in PHASES), "completion_tok_s",
-            "peak_gib_nvml", "update_mfu", "standalone_gen_s", "gen_vs_standalone", "tokens",
-            "computed_tokens", "recipe_wall_s"]
+            "peak_gib_nvml", "trainer_peak_alloc_gib", "update_mfu", "standalone_gen_s", "gen_vs_standalone",
+            "tokens", "computed_tokens", "recipe_wall_s"]
     cols = [c for c in cols if any(c in r for r in table)]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

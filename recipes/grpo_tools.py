@@ -40,7 +40,7 @@ from rlprims.data import (SamplerState, multiplication_rows, next_indices, read_
                           tool_prompt_ids)
 from rlprims.launch import RunArgs, fit_to_device, init, parse_args, seed_all, shutdown
 from rlprims.metrics import (close_run_log, lock_run_dir, log_generations, log_metrics, open_run_log,
-                             progress, unlock_run_dir)
+                             perf_metrics, progress, unlock_run_dir)
 from rlprims.models.packed import register_packed_attention, response_logprobs_and_entropy
 from rlprims.parallel import (all_reduce_scalars, build_mesh, dist_batch_metrics, dp_rank_and_size,
                               engine_weights, gather_once, optimizer_step, rollout_seed, shard_model,
@@ -50,7 +50,7 @@ from rlprims.rollout import (MultiTurnBatch, create_engine, decode_prompts, defa
                              final_turn_texts, generate, generate_multiturn, load_tools, minimal_tool_prompt,
                              multiturn_sequences, sleep_engine, template_has_tools, template_tool_prompt,
                              tool_pool, tool_use_metrics, tool_use_sums, trajectory_texts, update_weights)
-from rlprims.schedules import constant_lr_factor, cosine_lr_factor
+from rlprims.schedules import constant_lr_factor, cosine_lr_factor, is_due
 from rlprims.timing import timed
 from rlprims.validation import validation_metrics
 
@@ -276,11 +276,11 @@ def main(args: Args) -> None:
             "perf/total_num_tokens": counts["perf/total_num_tokens"],
             "actor/lr": optimizer.param_groups[0]["lr"], "actor/grad_norm": sum(grad_norms) / len(grad_norms),
         }
-        metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"] / world
-        if args.val_prompts and (step == args.steps or (args.val_every and step % args.val_every == 0)):
+        metrics |= perf_metrics(metrics, world_size=world, device=device)
+        if args.val_prompts and is_due(step, every=args.val_every, last=args.steps):
             metrics.update(validation(step))
         log_metrics(log, step, metrics)
-        if step == args.steps or (args.save_every and step % args.save_every == 0):
+        if is_due(step, every=args.save_every, last=args.steps):
             save_checkpoint(out_dir / "checkpoints", step, model=model, optimizer=optimizer,
                             extra_state={"step": step, "sampler": sampler.to_dict()},
                             keep_last=args.keep_checkpoints)

@@ -51,7 +51,7 @@ from rlprims.models.packed import register_packed_attention
 from rlprims.ops import micro_batch_partition, num_micro_batches, pack_sequences
 from rlprims.parallel import all_reduce_scalars, build_mesh, shard_model
 from rlprims.rollout import default_model_path
-from rlprims.schedules import cosine_lr_factor
+from rlprims.schedules import cosine_lr_factor, is_due
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Args:
     val_every: int = 10
     """Validate every this many steps, before the first and after the last (0: only those two)."""
     save_every: int = 10
-    """Checkpoint every this many steps and after the last (0: only after the last)."""
+    """Checkpoint every this many steps and after the last (0: only after the last; -1: never)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest)."""
     wandb_project: str = ""
@@ -224,10 +224,10 @@ def main(args: Args) -> None:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         metrics["rm/grad_norm"] = grad_norm.item()
         metrics["timing_s/step"] = time.perf_counter() - t0
-        if args.val_pairs and (step == args.steps or (args.val_every and step % args.val_every == 0)):
+        if args.val_pairs and is_due(step, every=args.val_every, last=args.steps):
             metrics.update(validate())
         log_metrics(log, step, metrics)
-        if step == args.steps or (args.save_every and step % args.save_every == 0):
+        if is_due(step, every=args.save_every, last=args.steps):
             save_checkpoint(out_dir / "checkpoints", step, model=model, optimizer=optimizer,
                             extra_state={"step": step, "sampler": sampler.to_dict(),
                                          "scheduler": scheduler.state_dict()},

@@ -42,7 +42,7 @@ from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, sa
 from rlprims.data import SamplerState, next_indices, rl_prompt_sets, sampler_init
 from rlprims.launch import RunArgs, fit_to_device, init, parse_args, seed_all, shutdown
 from rlprims.metrics import (close_run_log, lock_run_dir, log_generations, log_metrics, open_run_log,
-                             progress, unlock_run_dir)
+                             perf_metrics, progress, unlock_run_dir)
 from rlprims.models.packed import register_packed_attention
 from rlprims.models.rollout import batch_logprobs, rows_logprobs_and_entropy
 from rlprims.parallel import (all_reduce_scalars, build_mesh, dist_batch_metrics, dist_cat_rows,
@@ -51,7 +51,7 @@ from rlprims.parallel import (all_reduce_scalars, build_mesh, dist_batch_metrics
 from rlprims.rewards import check_reward_sources, compute_score, load_reward_fn, reward_pool, score_responses
 from rlprims.rollout import (create_engine, decode_responses, default_model_path, generate, sleep_engine,
                              update_weights)
-from rlprims.schedules import constant_lr_factor, cosine_lr_factor
+from rlprims.schedules import constant_lr_factor, cosine_lr_factor, is_due
 from rlprims.timing import timed
 from rlprims.validation import validate, validation_samples
 
@@ -219,11 +219,11 @@ def main(args: Args) -> None:
             "actor/lr": optimizer.param_groups[0]["lr"],
             "actor/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
         }
-        metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"] / world
-        if args.val_prompts and (step == args.steps or (args.val_every and step % args.val_every == 0)):
+        metrics |= perf_metrics(metrics, world_size=world, device=device)
+        if args.val_prompts and is_due(step, every=args.val_every, last=args.steps):
             metrics.update(validation(step))
         log_metrics(log, step, metrics)
-        if step == args.steps or (args.save_every and step % args.save_every == 0):
+        if is_due(step, every=args.save_every, last=args.steps):
             save_checkpoint(out_dir / "checkpoints", step, model=model, optimizer=optimizer,
                             extra_state={"step": step, "sampler": sampler.to_dict()},
                             keep_last=args.keep_checkpoints)

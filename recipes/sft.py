@@ -41,12 +41,12 @@ from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, sa
 from rlprims.data import (SFTTokens, SamplerState, arithmetic_sft_rows, next_indices, read_sft_parquet,
                           sampler_init, sft_tokens)
 from rlprims.launch import init, parse_args, shutdown
-from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
+from rlprims.metrics import close_run_log, log_metrics, open_run_log, perf_metrics, progress
 from rlprims.models.packed import register_packed_attention, response_logprobs
 from rlprims.ops import aggregate_token_mean, masked_sum, micro_batch_partition, num_micro_batches
 from rlprims.parallel import all_reduce_scalars, build_mesh, shard_model, step_loss_normalizers
 from rlprims.rollout import default_model_path
-from rlprims.schedules import cosine_lr_factor
+from rlprims.schedules import cosine_lr_factor, is_due
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Args:
     val_every: int = 10
     """Validation loss every this many steps, before the first and after the last (0: only those two)."""
     save_every: int = 10
-    """Checkpoint every this many steps and after the last (0: only after the last)."""
+    """Checkpoint every this many steps and after the last (0: only after the last; -1: never)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest)."""
     wandb_project: str = ""
@@ -199,11 +199,11 @@ def main(args: Args) -> None:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         metrics["train/grad_norm"] = grad_norm.item()
         metrics["timing_s/step"] = time.perf_counter() - t0
-        metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"] / world
-        if args.val_rows and (step == args.steps or (args.val_every and step % args.val_every == 0)):
+        metrics |= perf_metrics(metrics, world_size=world, device=device)
+        if args.val_rows and is_due(step, every=args.val_every, last=args.steps):
             metrics.update(validate())
         log_metrics(log, step, metrics)
-        if step == args.steps or (args.save_every and step % args.save_every == 0):
+        if is_due(step, every=args.save_every, last=args.steps):
             save_checkpoint(out_dir / "checkpoints", step, model=model, optimizer=optimizer,
                             extra_state={"step": step, "sampler": sampler.to_dict(),
                                          "scheduler": scheduler.state_dict()},

@@ -47,6 +47,7 @@ __all__ = [
     "close_run_log",
     "plot_curves",
     "progress",
+    "perf_metrics",
     "CONSOLE_KEYS",
     "CURVES",
 ]
@@ -481,3 +482,25 @@ def progress(iterable: Iterable, *, desc: str, rank: int, total: int | None = No
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def perf_metrics(metrics: Mapping[str, Any], *, world_size: int, device: torch.device) -> dict[str, float]:
+    """A step's verl `perf/*` metrics from its logged `perf/total_num_tokens` and `timing_s/step`.
+
+    perf/throughput: tokens per second per rank (total_num_tokens / timing_s/step / world_size). On CUDA
+    also perf/max_memory_allocated_gb and perf/max_memory_reserved_gb: this rank's peak of PyTorch's
+    allocator since the last call (GiB, as verl), after which the peak is reset, so each step reports
+    its own. Memory that vLLM allocates outside PyTorch's allocator (its sleep-mode pool) is not in it.
+    """
+    for key in ("perf/total_num_tokens", "timing_s/step"):
+        if key not in metrics:
+            raise KeyError(f"perf_metrics needs {key!r} in the step's metrics (have {sorted(metrics)})")
+    if world_size < 1 or metrics["timing_s/step"] <= 0:
+        raise ValueError(f"world_size must be >= 1 and timing_s/step > 0, got {world_size} and "
+                         f"{metrics['timing_s/step']}")
+    out = {"perf/throughput": metrics["perf/total_num_tokens"] / metrics["timing_s/step"] / world_size}
+    if device.type == "cuda":
+        out["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["perf/max_memory_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["constant_lr_factor", "cosine_lr_factor"]
+__all__ = ["constant_lr_factor", "cosine_lr_factor", "is_due"]
 
 
 def _check(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
@@ -45,3 +45,17 @@ def cosine_lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_r
         return step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def is_due(step: int, *, every: int, last: int) -> bool:
+    """Whether a periodic action (checkpoint, validation) runs after `step` (1-based) of `last` steps.
+
+    every > 0: every `every` steps and after the last; every = 0: only after the last; every < 0: never
+    (a recipe's `--save-every -1`: no checkpoints).
+    """
+    for name, value in (("step", step), ("every", every), ("last", last)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if every < 0:
+        return False
+    return step == last or (every > 0 and step % every == 0)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rlprims.schedules import constant_lr_factor, cosine_lr_factor
+from rlprims.schedules import constant_lr_factor, cosine_lr_factor, is_due
 
 
 def test_constant_with_warmup():
@@ -32,3 +32,11 @@ def test_bad_input():
         cosine_lr_factor(-1, warmup_steps=0, total_steps=1, min_lr_ratio=0.0)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         constant_lr_factor(0, warmup_steps=0, total_steps=1, min_lr_ratio=2.0)
+
+
+def test_is_due():
+    due = lambda every: [s for s in range(1, 8) if is_due(s, every=every, last=7)]  # noqa: E731
+    assert due(3) == [3, 6, 7] and due(1) == [1, 2, 3, 4, 5, 6, 7] and due(7) == [7] and due(10) == [7]
+    assert due(0) == [7] and due(-1) == []
+    with pytest.raises(ValueError, match="every"):
+        is_due(1, every=2.0, last=3)

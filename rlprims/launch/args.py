@@ -86,13 +86,14 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
                      "sync_bucket_mb", "batch_size", "pairs_per_rank",
                      "val_n", "keep_checkpoints"), _at_least_one),
     **dict.fromkeys(("kl_coef", "entropy_coef", "entropy_coeff", "clip_low", "clip_high", "clip_ratio", "vf_clip",
-                     "val_prompts", "val_every", "save_every", "seed", "max_operand", "weight_decay",
+                     "val_prompts", "val_every", "seed", "max_operand", "weight_decay",
                      "overlong_buffer_len", "overlong_penalty_factor", "critic_warmup", "warmup_steps",
                      "val_pairs", "val_rows", "reward_timeout_s",
                      "kv_cache_gb", "max_tokens_per_micro_batch"), _non_negative),  # 0 = fit to the device
     **dict.fromkeys(("gamma", "lam", "warmup_ratio", "min_lr_ratio", "gpu_memory_utilization"), _fraction),
     "group_size": lambda v: None if isinstance(v, int) and v >= 2 else (
         "must be >= 2: group-relative advantages of a group of one are the raw scores (verl's mean 0, std 1)"),
+    "save_every": lambda v: None if isinstance(v, int) and v >= -1 else "must be >= -1 (-1: never)",
     "lr_schedule": lambda v: None if v in ("constant", "cosine") else "must be 'constant' or 'cosine'",
     "dtype": _dtype,
     "compute_dtype": _dtype_or_auto,

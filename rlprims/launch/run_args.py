@@ -101,7 +101,7 @@ class RunArgs:
     val_every: int = 10
     """Validate every this many steps, before the first and after the last (0: only those two)."""
     save_every: int = 10
-    """Checkpoint every this many steps and after the last (0: only after the last)."""
+    """Checkpoint every this many steps and after the last (0: only after the last; -1: never)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest)."""
     wandb_project: str = ""

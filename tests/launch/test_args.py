@@ -180,6 +180,19 @@ def test_group_of_one_and_negative_steps_are_rejected(capsys):
     assert "--group-size 1: must be >= 2" in err and "--steps -3: must be >= 1" in err
 
 
+@dataclass
+class Saving:
+    save_every: int = 10
+    """Checkpoint every this many steps (-1: never)."""
+
+
+def test_save_every_takes_minus_one_for_never(capsys):
+    assert parse_args(Saving, ["--save-every", "-1"]).save_every == -1
+    with pytest.raises(SystemExit):
+        parse_args(Saving, ["--save-every", "-2"])
+    assert "--save-every -2: must be >= -1 (-1: never)" in capsys.readouterr().err
+
+
 def test_post_init_error_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(Recipe, ["--group-size", "1"])

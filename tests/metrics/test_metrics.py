@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from rlprims.metrics import close_run_log, log_metrics, open_run_log, plot_curves, progress
+from rlprims.metrics import close_run_log, log_metrics, open_run_log, perf_metrics, plot_curves, progress
 
 
 def _lines(path):
@@ -139,3 +139,26 @@ def test_missing_backends_raise_naming_the_package(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install tensorboard"):
         open_run_log(tmp_path / "t", rank=1, config={}, tensorboard=True)  # every rank checks
     assert not (tmp_path / "w").exists() and not (tmp_path / "t").exists()
+
+
+def test_perf_metrics_on_cpu():
+    step = {"perf/total_num_tokens": 1200, "timing_s/step": 3.0}
+    assert perf_metrics(step, world_size=2, device=torch.device("cpu")) == {"perf/throughput": 200.0}
+    with pytest.raises(KeyError, match="timing_s/step"):
+        perf_metrics({"perf/total_num_tokens": 1}, world_size=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="world_size"):
+        perf_metrics(step, world_size=0, device=torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_perf_metrics_peak_memory_per_step():
+    device = torch.device("cuda")
+    step = {"perf/total_num_tokens": 1, "timing_s/step": 1.0}
+    perf_metrics(step, world_size=1, device=device)  # resets the peak
+    x = torch.empty(256 << 20, dtype=torch.uint8, device=device)  # 0.25 GiB
+    first = perf_metrics(step, world_size=1, device=device)
+    del x
+    second = perf_metrics(step, world_size=1, device=device)
+    assert first["perf/max_memory_allocated_gb"] >= 0.25 > second["perf/max_memory_allocated_gb"]
+    assert first["perf/max_memory_reserved_gb"] >= 0.25

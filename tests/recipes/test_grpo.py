@@ -120,8 +120,11 @@ def test_a_reward_call_that_never_returns_on_one_rank_is_cut_off(tiny_chat_model
 
 
 def test_two_ranks_sharing_one_engine(tiny_chat_model, tmp_path):
-    """--tp 2: both ranks drive one engine, so they must sample the same prompts with the same seeds."""
-    run_recipe("grpo", tmp_path, "--model", tiny_chat_model, *FLAGS, "--tp", "2", "--steps", "2", "--save-every", "0")
+    """--tp 2: both ranks drive one engine, so they must sample the same prompts with the same seeds.
+    (--save-every -1: no checkpoint at all, the final HF export all the same.)"""
+    run_recipe("grpo", tmp_path, "--model", tiny_chat_model, *FLAGS, "--tp", "2", "--steps", "2",
+               "--save-every", "-1")
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "hf" / "config.json").exists()
     train = [m for m in metric_lines(tmp_path) if "critic/score/mean" in m]
     assert [m["step"] for m in train] == [1, 2]
     for m in train:
