@@ -121,8 +121,7 @@ def main(args: Args) -> None:
                                                  attn_implementation=register_packed_attention()).to(device)
     mesh = build_mesh(device_type=device.type, tp=args.tp)
     dp, (dp_rank, dp_size) = mesh.get_group("dp"), dp_rank_and_size(mesh)  # ranks of one engine: one dp rank
-    shard_model(model, mesh, param_dtype=compute if compute != dtype else None,
-                activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
+    shard_model(model, mesh, param_dtype=compute if compute != dtype else None, **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts}  # trainer log-probs
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score

@@ -133,8 +133,7 @@ def main(args: Args) -> None:
                                                  attn_implementation=register_packed_attention()).to(device)
     mesh = build_mesh(device_type=device.type, tp=args.tp)
     dp, (dp_rank, dp_size) = mesh.get_group("dp"), dp_rank_and_size(mesh)  # ranks of one engine: one dp rank
-    shard_model(model, mesh, param_dtype=compute if compute != dtype else None,
-                activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
+    shard_model(model, mesh, param_dtype=compute if compute != dtype else None, **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
                         total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)

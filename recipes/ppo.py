@@ -105,8 +105,7 @@ def main(args: Args) -> None:
     mesh = build_mesh(device_type=device.type, tp=args.tp)
     dp, (dp_rank, dp_size) = mesh.get_group("dp"), dp_rank_and_size(mesh)  # ranks of one engine: one dp rank
     for m in [m for m in (model, critic, ref_model) if m is not None]:
-        shard_model(m, mesh, param_dtype=compute if compute != dtype else None,
-                    activation_checkpointing=fit.checkpointing, reshard_after_forward=not fit.gather_once)
+        shard_model(m, mesh, param_dtype=compute if compute != dtype else None, **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts}  # trainer log-probs
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)

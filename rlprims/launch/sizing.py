@@ -78,6 +78,13 @@ class DeviceFit(NamedTuple):
     share_prompts: bool = True  # rows_logprobs*(share_prefixes=...): each group's prompt computed once
 
     @property
+    def shard_kwargs(self) -> dict[str, Any]:
+        """The trainer's share, as `shard_model` keyword arguments: `shard_model(model, mesh, ...,
+        **fit.shard_kwargs)` (activation checkpointing, resharding for `gather_once`, CPU offload)."""
+        return dict(activation_checkpointing=self.checkpointing, reshard_after_forward=not self.gather_once,
+                    cpu_offload=self.cpu_offload)
+
+    @property
     def engine_kwargs(self) -> dict[str, Any]:
         """The engine's share, as `create_engine` keyword arguments: `create_engine(path, ...,
         **fit.engine_kwargs)` (KV cache bytes, eager or compiled, sleep mode, max_num_seqs)."""

@@ -49,7 +49,7 @@ def shard_model(
     sharded on dim 0 (`Shard(0)`, torch.chunk boundaries) over the 1-D mesh `fsdp_mesh(mesh)`.
 
     cpu_offload: sharded parameters, gradients and optimizer state live in CPU memory (CPUOffloadPolicy;
-      the optimizer step runs on CPU); the model must be on CPU or meta before sharding then.
+      the optimizer step runs on CPU); a model on another device is moved to the CPU first.
     reshard_after_forward: True frees each layer's gathered parameters after its forward and gathers them
       again in backward (ZeRO-3, less memory); False keeps them until backward (ZeRO-2-like, fewer
       all-gathers). The root never reshards after forward (its parameters are used first in backward).
@@ -73,7 +73,9 @@ def shard_model(
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kw = dict(mesh=mesh1d, mp_policy=mp)
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh1d.device_type == "cuda")  # pinning needs CUDA
+        if any(t.device.type not in ("cpu", "meta") for t in (*model.parameters(), *model.buffers())):
+            model.to("cpu")
     layers = decoder_layers(model)
     if activation_checkpointing:
         from torch.distributed._composable import checkpoint

@@ -63,6 +63,8 @@ def test_gpu_choices_for_the_measured_geometries():
     assert small.kv_cache_bytes == int(1.25 * 512 * 640 * 12288) + (64 << 20)
     assert small.max_tokens_per_micro_batch == 16384 and not small.checkpointing and small.gather_once
     assert not small.cpu_offload
+    assert small.shard_kwargs == dict(activation_checkpointing=False, reshard_after_forward=False,
+                                      cpu_offload=False)
     assert small.max_num_seqs == 512 and small.engine_kwargs == dict(
         kv_cache_memory_bytes=small.kv_cache_bytes, enforce_eager=False, enable_sleep_mode=True,
         engine_args={"max_num_seqs": 512})
@@ -72,6 +74,8 @@ def test_gpu_choices_for_the_measured_geometries():
     assert mid.max_tokens_per_micro_batch == 16384 and not mid.checkpointing and not mid.gather_once
     big = fit_to_memory(args, Q7, total_memory=H200, world_size=1, rows=512)
     assert big.cpu_offload and big.checkpointing and big.gather_once  # 122 GB of fp32 state: to the CPU
+    assert big.shard_kwargs == dict(activation_checkpointing=True, reshard_after_forward=False,
+                                    cpu_offload=True)
     assert big.max_tokens_per_micro_batch == 16384
     # 8 ranks share the 7B state: no offload, no gathering (6 bytes/param would be 46 GB on every rank)
     node = fit_to_memory(args, Q7, total_memory=H200, world_size=8, rows=512)

@@ -4,7 +4,7 @@ One spawn per world size runs every check (process start + imports dominate the 
 gathered weights == the unsharded model's exactly (fp32 and bf16, bounded buckets, renaming);
 one SGD step on W ranks (1/W of the batch each) == the same step on one process with the whole batch;
 DTensor resharding to the engine's TP=2 layout == slicing the full tensor as vLLM does; `gather_once`
-micro-batches and activation checkpointing give the same gradients, and the step's new weights.
+micro-batches with activation checkpointing or CPU offload give the same gradients and new weights.
 A failing worker's assertion comes back as the test's error (mp.spawn re-raises it with the traceback).
 """
 
@@ -158,15 +158,16 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         for n, t in engine_weights(model):
             torch.testing.assert_close(t, ref_weights[n], **REORDER, msg=lambda m: f"{n}: {m}")
 
-    # --- gather_once and activation checkpointing: one row per micro-batch, the same gradients; after
-    # the step the next forward sees the new weights (nothing stays gathered from before the step) ----
+    # --- gather_once with activation checkpointing or CPU offload: one row per micro-batch, the same
+    # gradients; after the step the next forward sees the new weights (nothing stays gathered) --------
     after = make_model()
     after.load_state_dict(ref_weights)
     ids, mask = batch()
     with torch.no_grad():
         ref_loss_after = loss_fn(after, ids, mask, mask.sum())
-    for ac in (False, True):
-        model = shard_model(make_model(), mesh, reshard_after_forward=False, activation_checkpointing=ac)
+    for ac, offload in ((False, False), (True, False), (False, True)):
+        model = shard_model(make_model(), mesh, reshard_after_forward=False, activation_checkpointing=ac,
+                            cpu_offload=offload)
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
         mine = [[r] for r in range(rank * 4 // world, (rank + 1) * 4 // world)]
         for rows in gather_once(model, mine):

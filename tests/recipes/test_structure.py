@@ -61,3 +61,22 @@ def test_ruff_one_statement_per_line_within_110_characters():
     cmd = [sys.executable, "-m", "ruff", "check", "--output-format", "concise", "recipes", *SHARED]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+
+def test_fitted_recipes_shard_as_fitted():
+    """Every recipe with an engine calls `fit_to_device` and passes all of the trainer's share to every
+    `shard_model` (checkpointing, gather_once's resharding, CPU offload: the last was once computed and
+    dropped)."""
+    fitted = {}
+    for path in RECIPES:
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.Name) and n.id == "fit_to_device" for n in ast.walk(tree)):
+            fitted[path.stem] = [n for n in ast.walk(tree)
+                                 if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "shard_model"]
+    assert set(fitted) == {"grpo", "dapo", "ppo", "rloo", "reinforce_pp", "grpo_tools"}, sorted(fitted)
+    for name, calls in fitted.items():
+        assert calls, f"{name}: no shard_model call"
+        for call in calls:
+            spread = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
+            assert spread == ["fit.shard_kwargs"], f"{name}:{call.lineno}: {ast.unparse(call)}"
