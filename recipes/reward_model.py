@@ -45,11 +45,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlprims.data import (SamplerState, arithmetic_preference_rows, next_indices, preference_tokens,
                           read_preference_parquet, sampler_init)
-from rlprims.launch import init, parse_args, shutdown
+from rlprims.launch import fit_to_device, init, parse_args, shutdown
 from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
 from rlprims.models.packed import register_packed_attention
 from rlprims.ops import micro_batch_partition, num_micro_batches, pack_sequences
-from rlprims.parallel import all_reduce_scalars, build_mesh, shard_model
+from rlprims.parallel import all_reduce_scalars, build_mesh, gather_once, shard_model
 from rlprims.rollout import default_model_path
 from rlprims.schedules import cosine_lr_factor, is_due
 
@@ -80,12 +80,15 @@ class Args:
     """The cosine decays from lr to min_lr_ratio * lr at the last step."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm."""
-    max_tokens_per_micro_batch: int = 8192
-    """Token budget of one packed forward/backward (a pair's two conversations count together)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of one packed forward/backward (a pair's two conversations count together); 0 = fit."""
     dtype: str = "float32"
     """Dtype of the sharded master weights and the optimizer state."""
     compute_dtype: str = ""
-    """Dtype of the gathered weights in forward/backward (FSDP2 mixed precision); empty = dtype."""
+    """Dtype of the gathered weights in forward/backward (FSDP2 mixed precision); empty = bfloat16 on CUDA,
+    else dtype."""
+    activation_checkpointing: bool | None = None
+    """Recompute each decoder layer in backward (less activation memory); unset = fit (only if needed)."""
     val_pairs: int = 64
     """Held-out pairs for val/rm/* (0 = no validation)."""
     val_every: int = 10
@@ -106,8 +109,10 @@ def main(args: Args) -> None:
     # ---- setup: ranks, model with its scalar head, FSDP2, optimizer + schedule, data, resume -----------
     ctx = init(seed=args.seed)
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    dtype, compute = getattr(torch, args.dtype), getattr(torch, args.compute_dtype or args.dtype)
+    dtype = getattr(torch, args.dtype)
+    compute = getattr(torch, args.compute_dtype or ("bfloat16" if device.type == "cuda" else args.dtype))
     model_dir = args.model or default_model_path()
+    fit = fit_to_device(args, model_dir, ctx, rows=0)  # micro-batch tokens, checkpointing, offload
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=1, dtype=dtype, attn_implementation=register_packed_attention()).to(device)
@@ -116,7 +121,8 @@ def main(args: Args) -> None:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.eos_token_id
     pad_id = model.config.pad_token_id
-    shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if compute != dtype else None)
+    shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if compute != dtype else None,
+                **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     lr_factor = partial(cosine_lr_factor, warmup_steps=int(args.warmup_ratio * args.steps),
                         total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)  # warmup, then cosine
@@ -154,7 +160,7 @@ def main(args: Args) -> None:
         backward); a rank without pairs gets a dummy pair, and an empty micro-batch reruns pair 0: both
         contribute zero loss."""
         lengths = [len(c) + len(r) for c, r in pairs] or [4]
-        budget = args.max_tokens_per_micro_batch
+        budget = fit.max_tokens_per_micro_batch
         count = torch.tensor([num_micro_batches(lengths, max_tokens=budget)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return micro_batch_partition(lengths, max_tokens=budget, min_micro_batches=int(count))
@@ -208,7 +214,9 @@ def main(args: Args) -> None:
         mine = [data[i] for i in picked]
         num_pairs = all_reduce_scalars({"n": len(mine)}, mean=False, device=device)["n"]
         stats = dict.fromkeys(("loss", "accuracy", "margin"), 0.0)
-        for part in progress(plan_of(mine), desc=f"step {step}", rank=rank):
+        plan = plan_of(mine)
+        parts = gather_once(model, plan, enabled=fit.gather_once)  # one gather and one reduce per step
+        for part in progress(parts, total=len(plan), desc=f"step {step}", rank=rank):
             loss, part_stats = pair_stats(*rewards(mine, part), num_pairs)
             loss.backward()
             for k, v in part_stats.items():

@@ -40,11 +40,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlprims.data import (SFTTokens, SamplerState, arithmetic_sft_rows, next_indices, read_sft_parquet,
                           sampler_init, sft_tokens)
-from rlprims.launch import init, parse_args, shutdown
+from rlprims.launch import fit_to_device, init, parse_args, shutdown
 from rlprims.metrics import close_run_log, log_metrics, open_run_log, perf_metrics, progress
 from rlprims.models.packed import register_packed_attention, response_logprobs
 from rlprims.ops import aggregate_token_mean, masked_sum, micro_batch_partition, num_micro_batches
-from rlprims.parallel import all_reduce_scalars, build_mesh, shard_model, step_loss_normalizers
+from rlprims.parallel import all_reduce_scalars, build_mesh, gather_once, shard_model, step_loss_normalizers
 from rlprims.rollout import default_model_path
 from rlprims.schedules import cosine_lr_factor, is_due
 
@@ -75,12 +75,15 @@ class Args:
     """The cosine decays from lr to min_lr_ratio * lr at the last step."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (verl's clip_grad)."""
-    max_tokens_per_micro_batch: int = 8192
-    """Token budget of one packed forward/backward."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of one packed forward/backward; 0 = fit (CPU: 8192; GPU: from the model and memory)."""
     dtype: str = "float32"
     """Dtype of the sharded master weights and the optimizer state."""
     compute_dtype: str = ""
-    """Dtype of the gathered weights in forward/backward (FSDP2 mixed precision); empty = dtype."""
+    """Dtype of the gathered weights in forward/backward (FSDP2 mixed precision); empty = bfloat16 on CUDA,
+    else dtype."""
+    activation_checkpointing: bool | None = None
+    """Recompute each decoder layer in backward (less activation memory); unset = fit (only if needed)."""
     val_rows: int = 64
     """Conversations in the validation loss (0 = no validation)."""
     val_every: int = 10
@@ -101,13 +104,16 @@ def main(args: Args) -> None:
     # ---- setup: ranks, sharded model, optimizer + schedule, data, resume --------------------------------
     ctx = init(seed=args.seed)
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    dtype, compute = getattr(torch, args.dtype), getattr(torch, args.compute_dtype or args.dtype)
+    dtype = getattr(torch, args.dtype)
+    compute = getattr(torch, args.compute_dtype or ("bfloat16" if device.type == "cuda" else args.dtype))
     model_dir = args.model or default_model_path()
+    fit = fit_to_device(args, model_dir, ctx, rows=0)  # micro-batch tokens, checkpointing, offload
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                  attn_implementation=register_packed_attention()).to(device)
-    shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if compute != dtype else None)
+    shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if compute != dtype else None,
+                **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
     lr_factor = partial(cosine_lr_factor, warmup_steps=int(args.warmup_ratio * args.steps),
@@ -145,7 +151,7 @@ def main(args: Args) -> None:
             ids[i, : lengths[i]] = torch.tensor(e.input_ids)
             loss_mask[i, : lengths[i]] = torch.tensor(e.loss_mask)
             attention[i, : lengths[i]] = True
-        budget = args.max_tokens_per_micro_batch
+        budget = fit.max_tokens_per_micro_batch
         count = torch.tensor([num_micro_batches(lengths, max_tokens=budget)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         plan = micro_batch_partition(lengths, max_tokens=budget, min_micro_batches=int(count))
@@ -183,7 +189,8 @@ def main(args: Args) -> None:
         norms = step_loss_normalizers([loss_mask[part] for part in plan if part])
         tokens = float(sum(len(data[i].input_ids) for i in picked))
         stats = {"train/loss": 0.0, "perf/total_num_tokens": tokens}
-        for part in progress(plan, desc=f"step {step}", rank=rank):
+        parts = gather_once(model, plan, enabled=fit.gather_once)  # one gather and one reduce per step
+        for part in progress(parts, total=len(plan), desc=f"step {step}", rank=rank):
             loss, mask = nll(ids, attention, loss_mask, part)
             loss = aggregate_token_mean(loss, mask, num_tokens=norms.num_tokens)
             loss.backward()

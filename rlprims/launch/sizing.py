@@ -201,7 +201,8 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
     share of the GPU: weights + KV cache, as vLLM's), sleep_level (-1 = fit: 2 on CUDA, 0 on CPU),
     max_tokens_per_micro_batch (0 = fit), activation_checkpointing (None = fit), rollout_logprobs (None =
     fit; rollout_is / rollout_rs need them), share_prompts (None = fit: on), max_prompt_len +
-    max_response_len (the engine's max_model_len), tp, dtype (master weights), compute_dtype.
+    max_response_len (the engine's max_model_len) or max_len (a recipe without an engine), tp, dtype
+    (master weights), compute_dtype.
     dist: from `rlprims.launch.init` (its device, and the world size the trainer state is sharded over).
     rows: sequences each engine generates at once (0 for a recipe without an engine).
     """
@@ -245,7 +246,8 @@ def fit_to_memory(
     total = total_memory
     compile_engine, kv_gb, sleep, tokens, checkpointing = _flags(args)
     tp = int(getattr(args, "tp", 1) or 1)
-    max_len = int(getattr(args, "max_prompt_len", 0)) + int(getattr(args, "max_response_len", 0))
+    max_len = int(getattr(args, "max_len", 0) or 0) or (  # SFT / reward model: their longest conversation
+        int(getattr(args, "max_prompt_len", 0)) + int(getattr(args, "max_response_len", 0)))
     compute = getattr(args, "compute_dtype", "") or "bfloat16"
     master = _DTYPE_BYTES.get(getattr(args, "dtype", "float32"), 4)
 

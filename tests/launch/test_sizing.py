@@ -148,3 +148,16 @@ def test_share_prompts_on_by_default_and_as_given():
     gpu = lambda **kw: fit_to_memory(SimpleNamespace(**WORKLOAD, **kw), Q05, total_memory=H200,  # noqa: E731
                                      world_size=1, rows=512).share_prompts
     assert gpu() and gpu(share_prompts=True) and not gpu(share_prompts=False)
+
+
+def test_a_recipe_without_an_engine():
+    """SFT / reward model: rows=0 (no engine, nothing asleep), their `max_len` bounds one sequence."""
+    sft = SimpleNamespace(max_len=256, max_tokens_per_micro_batch=0)
+    cpu = fit_to_device(sft, "unused-on-cpu", CPU, rows=0)
+    assert cpu.max_tokens_per_micro_batch == 8192 and cpu.shard_kwargs == dict(
+        activation_checkpointing=False, reshard_after_forward=True, cpu_offload=False)
+    gpu = fit_to_memory(SimpleNamespace(max_len=12000), Q05, total_memory=H200, world_size=1, rows=0)
+    assert gpu.kv_cache_bytes == 0 and gpu.sleep_level == 0 and gpu.max_num_seqs is None
+    assert gpu.max_tokens_per_micro_batch == 24000 // 1024 * 1024 and gpu.gather_once  # 2 x max_len > 16k
+    with pytest.raises(ValueError, match="one sequence of 2000000 tokens does not fit"):
+        fit_to_memory(SimpleNamespace(max_len=2_000_000), Q05, total_memory=H200, world_size=1, rows=0)

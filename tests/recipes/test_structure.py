@@ -65,7 +65,7 @@ def test_ruff_one_statement_per_line_within_110_characters():
 
 
 def test_fitted_recipes_shard_as_fitted():
-    """Every recipe with an engine calls `fit_to_device` and passes all of the trainer's share to every
+    """Every recipe calls `fit_to_device` and passes all of the trainer's share to every
     `shard_model` (checkpointing, gather_once's resharding, CPU offload: the last was once computed and
     dropped)."""
     fitted = {}
@@ -74,7 +74,7 @@ def test_fitted_recipes_shard_as_fitted():
         if any(isinstance(n, ast.Name) and n.id == "fit_to_device" for n in ast.walk(tree)):
             fitted[path.stem] = [n for n in ast.walk(tree)
                                  if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "shard_model"]
-    assert set(fitted) == {"grpo", "dapo", "ppo", "rloo", "reinforce_pp", "grpo_tools"}, sorted(fitted)
+    assert set(fitted) == {p.stem for p in RECIPES}, sorted(fitted)
     for name, calls in fitted.items():
         assert calls, f"{name}: no shard_model call"
         for call in calls:
