@@ -21,6 +21,7 @@ Variants (each on a freshly sharded model; "+ac" adds activation checkpointing o
   compile    gather + torch.compile of every decoder layer (dynamic shapes)
   cparts     gather + torch.compile of each layer's MLP and two RMSNorms (no graph break: the
              attention stays eager)
+  liger      gather + Liger's fused RMSNorm, RoPE and SwiGLU kernels (`--use-liger`; CUDA only)
 
 Jobs are SIZE:VARIANT:BUDGET triples (--jobs); the defaults measure the 0.5B geometry of the GRPO issue
 (49,152-token vocabulary) and a few 1.5B / 7B points. `grad_norm` (the mini-batch's gradient norm before
@@ -50,7 +51,8 @@ sys.path.insert(0, _REPO)
 
 from benchmarks.weight_sync import GEOMETRIES  # noqa: E402
 
-VARIANTS = ("base", "devpack", "noraf", "gather", "gather+ac", "base+ac", "compile", "cparts")
+VARIANTS = ("base", "devpack", "noraf", "gather", "gather+ac", "base+ac", "compile", "cparts", "liger")
+GATHERED = ("gather", "compile", "cparts", "liger")  # the variants built on gather_once
 DEFAULT_JOBS = ",".join([
     "0.5b:base:8192", "0.5b:gather:8192", "0.5b:base:16384", "0.5b:gather:16384", "0.5b:base:32768",
     "0.5b:gather:32768", "0.5b:gather+ac:32768", "0.5b:gather+ac:65536", "0.5b:noraf:8192",
@@ -118,13 +120,17 @@ def build(args, size: str, variant: str, device: torch.device):
     if variant == "compile":
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
+    if variant == "liger":  # Liger's fused RMSNorm, RoPE and SwiGLU (what --use-liger does)
+        from rlprims.models.fused import use_liger_kernels
+
+        use_liger_kernels(model)
     if variant == "cparts":  # the memory-bound pieces around the attention, each one graph (no break)
         for layer in decoder_layers(model):
             for part in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
                 part.compile(dynamic=True, fullgraph=True)
     cuda = device.type == "cuda"
     shard_model(model, build_mesh(device_type=device.type), param_dtype=torch.bfloat16 if cuda else None,
-                reshard_after_forward=not variant.startswith(("noraf", "gather", "compile", "cparts")),
+                reshard_after_forward=not variant.startswith(("noraf", *GATHERED)),
                 activation_checkpointing=variant.endswith("+ac"))
     return model, cfg
 
@@ -180,7 +186,7 @@ def measure(args, size, variant, budget, device, peak_tflops, out_dir):
     data, lengths = rows(args, cfg, device)
     (plan,) = step_micro_batches(lengths, max_tokens=budget)
     params = sum(p.numel() for p in model.parameters())
-    kw = dict(devpack=variant == "devpack", gather=variant.startswith(("gather", "compile", "cparts")))
+    kw = dict(devpack=variant == "devpack", gather=variant.startswith(GATHERED))
     state_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     t0 = time.perf_counter()
     run_mini_batch(model, data, plan, **kw)  # warm-up (compiles, autotune, allocator)

@@ -40,7 +40,7 @@ from typing import Literal
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from rlprims import ops
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -48,7 +48,7 @@ from rlprims.data import SamplerState, next_indices, rl_prompt_sets, sampler_ini
 from rlprims.launch import RunArgs, fit_to_device, init, parse_args, seed_all, shutdown
 from rlprims.metrics import (close_run_log, lock_run_dir, log_generations, log_metrics, open_run_log,
                              perf_metrics, progress, unlock_run_dir)
-from rlprims.models.packed import register_packed_attention
+from rlprims.models.fused import load_model
 from rlprims.models.rollout import batch_logprobs, rows_logprobs_and_entropy
 from rlprims.parallel import (all_reduce_means_by_name, all_reduce_scalars, build_mesh, dist_batch_metrics,
                               dist_cat_rows, dist_gpg_advantages, dist_reinforce_pp_baseline_advantages,
@@ -174,8 +174,7 @@ def main(args: Args) -> None:
     seed_all(args.seed)  # vLLM reseeds the global RNGs when it starts
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                 attn_implementation=register_packed_attention()).to(device)
+    model = load_model(model_dir, dtype=dtype, device=device, use_liger=args.use_liger)  # packed attention
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.kl_coef > 0 else None
     mesh = build_mesh(device_type=device.type, tp=args.tp)
     dp, (dp_rank, dp_size) = mesh.get_group("dp"), dp_rank_and_size(mesh)  # ranks of one engine: one dp rank
