@@ -74,6 +74,9 @@ class RunArgs:
     activation_checkpointing: bool | None = None
     """Recompute each decoder layer in backward instead of storing it; unset = only where the micro-batch
     would not fit without (GPU; never on CPU)."""
+    cpu_offload: bool | None = None
+    """FSDP2 CPU offload of the sharded weights, gradients and optimizer state (the step runs on the CPU);
+    unset = fit: only where that state would take over half the GPU (rlprims.launch.sizing)."""
     dtype: str = "float32"
     """Dtype of the sharded master weights and the optimizer state."""
     compute_dtype: str = ""

@@ -202,7 +202,7 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
     max_tokens_per_micro_batch (0 = fit), activation_checkpointing (None = fit), rollout_logprobs (None =
     fit; rollout_is / rollout_rs need them), share_prompts (None = fit: on), max_prompt_len +
     max_response_len (the engine's max_model_len) or max_len (a recipe without an engine), tp, dtype
-    (master weights), compute_dtype.
+    (master weights), compute_dtype, cpu_offload (None = fit: when the state takes over half the GPU).
     dist: from `rlprims.launch.init` (its device, and the world size the trainer state is sharded over).
     rows: sequences each engine generates at once (0 for a recipe without an engine).
     """
@@ -210,6 +210,8 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
     if dist.device.type != "cuda":
         if sleep > 0:
             raise ValueError(f"--sleep-level {sleep}: vLLM's CPU backend has no sleep mode (use 0)")
+        if getattr(args, "cpu_offload", None):
+            raise ValueError("--cpu-offload true: the trainer runs on the CPU already (nothing to offload)")
         return DeviceFit(
             enforce_eager=compile_engine is not True,
             kv_cache_bytes=int(kv_gb * GiB) if kv_gb > 0 else CPU_KV_CACHE_BYTES,
@@ -267,7 +269,16 @@ def fit_to_memory(
     reserve = 4 * GiB + 8 * g.vocab * g.hidden
     usable = int(0.9 * total) - engine_during_update - reserve
     state = g.params * 4 * master // max(world_size, 1)
-    cpu_offload = state > usable // 2
+    # while the engine generates it is awake beside the trainer's state (activations are freed by then)
+    beside_engine = state + (engine_weights + kv + 2 * GiB if rows else 0) > int(0.95 * total)
+    explicit = getattr(args, "cpu_offload", None)
+    cpu_offload = (state > usable // 2 or beside_engine) if explicit is None else bool(explicit)
+    if not cpu_offload and beside_engine:
+        raise ValueError(
+            f"--cpu-offload false: the trainer's state ({state / GiB:.0f} GiB) and the awake engine "
+            f"(weights {engine_weights / GiB:.0f} GiB + KV cache {kv / GiB:.0f} GiB) do not fit the "
+            f"{total / GiB:.0f} GiB GPU together: offload, lower --gpu-memory-utilization / --kv-cache-gb, "
+            "or use more GPUs")
     if cpu_offload:
         _check_host_memory(g, state * local_world_size, host_memory, master, total)
         state = 0

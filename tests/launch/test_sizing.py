@@ -161,3 +161,16 @@ def test_a_recipe_without_an_engine():
     assert gpu.max_tokens_per_micro_batch == 24000 // 1024 * 1024 and gpu.gather_once  # 2 x max_len > 16k
     with pytest.raises(ValueError, match="one sequence of 2000000 tokens does not fit"):
         fit_to_memory(SimpleNamespace(max_len=2_000_000), Q05, total_memory=H200, world_size=1, rows=0)
+
+
+def test_cpu_offload_as_given():
+    args = lambda **kw: SimpleNamespace(**WORKLOAD, **kw)  # noqa: E731
+    forced = fit_to_memory(args(cpu_offload=True), Q05, total_memory=H200, world_size=1, rows=512)
+    assert forced.cpu_offload and forced.shard_kwargs["cpu_offload"]
+    with pytest.raises(ValueError, match="more than 80 % of the host's 128 GiB"):  # checked when forced too
+        fit_to_memory(args(cpu_offload=True), Q7, total_memory=H200, world_size=1, rows=512,
+                      host_memory=128 * GiB)
+    with pytest.raises(ValueError, match="awake engine .* do not fit"):  # 7B fp32 kept on the GPU
+        fit_to_memory(args(cpu_offload=False), Q7, total_memory=H200, world_size=1, rows=512)
+    with pytest.raises(ValueError, match="on the CPU already"):
+        fit_to_device(RunArgs(cpu_offload=True), "unused-on-cpu", CPU, rows=16)
