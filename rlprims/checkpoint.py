@@ -479,7 +479,7 @@ def export_hf(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     out_dir = Path(out_dir)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = _full_state_dict(model, through_buckets=_offloaded(model))
     error = None
     if _rank() == 0:
         try:
@@ -489,6 +489,29 @@ def export_hf(
     del full
     _broadcast_error(error)
     return out_dir
+
+
+def _offloaded(model: torch.nn.Module) -> bool:
+    from rlprims.parallel.fsdp import offloaded_to_cpu
+
+    return offloaded_to_cpu(model)
+
+
+def _full_state_dict(model: torch.nn.Module, *, through_buckets: bool) -> dict[str, torch.Tensor]:
+    """The full weights on rank 0's CPU ({} elsewhere). through_buckets: gathered bucket by bucket on the
+    mesh's device (`weight_buckets`; FSDP2 CPU offload on GPUs, whose CPU shards an NCCL-only group
+    cannot all-gather), else torch's `get_model_state_dict` (a tied alias is left out by the former:
+    `_write_hf` restores it)."""
+    if not through_buckets:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from rlprims.parallel.buckets import weight_buckets
+
+    full: dict[str, torch.Tensor] = {}
+    for bucket in weight_buckets(model):
+        if _rank() == 0:
+            full.update((name, t.cpu()) for name, t in bucket)
+        del bucket
+    return full
 
 
 def _write_hf(model, full: dict[str, torch.Tensor], out_dir: Path, *, tokenizer, dtype) -> None:

@@ -7,6 +7,7 @@ DeviceMesh; nothing here runs at import. This package never imports rlprims.roll
   shard_model, decoder_layers               FSDP2 per decoder layer + root, mixed precision, CPU offload,
                                             activation checkpointing.
   gather_once                               a step's micro-batches with one gather and one reduce.
+  offloaded_to_cpu                          FSDP2 CPU offload on GPUs (collectives go through the GPU).
   weight_buckets, engine_weights            full weights gathered bucket by bucket, cast, renamed.
   EngineTPLayout, engine_tp_layout,         vLLM's tensor-parallel slicing, and DTensor resharding of
   engine_tp_dim, engine_tp_slice,           training weights to it.
@@ -22,6 +23,7 @@ DeviceMesh; nothing here runs at import. This package never imports rlprims.roll
   dist_reinforce_pp_advantages,             over every rank's rows.
   dist_reinforce_pp_baseline_advantages
   optimizer_step                            micro-batch backward passes, global-norm clip, step, zero.
+  clip_sharded_grad_norm_                   global-norm clip of FSDP2 gradient shards wherever they live.
 """
 
 from rlprims.parallel.advantages import (
@@ -31,7 +33,7 @@ from rlprims.parallel.advantages import (
     dist_reinforce_pp_baseline_advantages,
 )
 from rlprims.parallel.buckets import DEFAULT_BUCKET_BYTES, engine_weights, weight_buckets
-from rlprims.parallel.fsdp import decoder_layers, gather_once, shard_model
+from rlprims.parallel.fsdp import decoder_layers, gather_once, offloaded_to_cpu, shard_model
 from rlprims.parallel.mesh import build_mesh, fsdp_mesh
 from rlprims.parallel.normalizers import all_reduce_means_by_name, all_reduce_scalars, step_loss_normalizers
 from rlprims.parallel.plan import step_micro_batches
@@ -46,7 +48,7 @@ from rlprims.parallel.stats import (
     dist_masked_whiten,
     dist_mean_max_min,
 )
-from rlprims.parallel.step import optimizer_step
+from rlprims.parallel.step import clip_sharded_grad_norm_, optimizer_step
 from rlprims.parallel.reshard import (
     EngineTPLayout,
     engine_tp_dim,
@@ -75,11 +77,13 @@ __all__ = [
     "dist_reinforce_pp_baseline_advantages",
     "rollout_seed",
     "optimizer_step",
+    "clip_sharded_grad_norm_",
     "build_mesh",
     "fsdp_mesh",
     "shard_model",
     "decoder_layers",
     "gather_once",
+    "offloaded_to_cpu",
     "weight_buckets",
     "engine_weights",
     "DEFAULT_BUCKET_BYTES",

@@ -14,7 +14,7 @@ from rlprims.parallel.mesh import fsdp_mesh
 
 T = TypeVar("T")
 
-__all__ = ["shard_model", "decoder_layers", "gather_once"]
+__all__ = ["shard_model", "decoder_layers", "gather_once", "offloaded_to_cpu"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -129,3 +129,13 @@ def gather_once(model: nn.Module, micro_batches: Sequence[T], *, enabled: bool =
             m.set_requires_gradient_sync(True, recurse=False)
             m.set_reshard_after_backward(True, recurse=False)
             m.reshard()
+
+
+def offloaded_to_cpu(model: nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2 CPU offload on a GPU mesh: its shards (and gradients) are CPU
+    tensors while its process group may reach only the GPU (NCCL), so collectives on them must go through
+    the GPU (`clip_sharded_grad_norm_`, `weight_buckets`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) and p.device_mesh.device_type != "cpu"
+               and p.to_local().device.type == "cpu" for p in model.parameters())

@@ -133,6 +133,18 @@ def _worker(rank: int, world: int, init_file: str) -> None:
     for k, t in streamed:
         assert t.dtype == torch.bfloat16 and torch.equal(t, full[k[2:]].to(torch.bfloat16)), k
 
+    # HF export's two ways to rank 0's CPU: torch's state dict, and buckets through the mesh's device
+    # (the way for CPU-offloaded shards on GPUs); only rank 0 holds them
+    from rlprims.checkpoint import _full_state_dict
+    from rlprims.parallel import offloaded_to_cpu
+
+    assert not offloaded_to_cpu(model)  # a CPU mesh: its CPU shards are not "offloaded"
+    via_torch = _full_state_dict(model, through_buckets=False)
+    via_buckets = _full_state_dict(model, through_buckets=True)
+    assert list(via_buckets) == (list(full) if rank == 0 else [])
+    for k, t in via_buckets.items():
+        assert t.device.type == "cpu" and torch.equal(t, via_torch[k]) and torch.equal(t, full[k]), k
+
     # --- TP resharding: DTensor -> the engine's TP=2 shards == vLLM's slicing of the full tensor ----
     layout = engine_tp_layout(model.config, tp_size=2)
     for name, p in params.items():
@@ -180,6 +192,23 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             loss = loss_fn(model, ids[mine_rows], mask[mine_rows], mask.sum())
         dist.all_reduce(loss)
         torch.testing.assert_close(loss, ref_loss_after, **REORDER)
+
+    # --- the clipping used for CPU-offloaded shards: one scalar all-reduced, torch's formula ----------
+    from rlprims.parallel.step import clip_sharded_grad_norm_
+
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()]))
+    for max_norm in (1e9, 0.3 * ref_norm.item()):  # not clipped, clipped to 0.3 of the norm
+        model = shard_model(make_model(), mesh, cpu_offload=True)
+        rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
+        loss_fn(model, ids[rows], mask[rows], mask.sum()).backward()
+        norm = clip_sharded_grad_norm_(model.parameters(), max_norm, device=torch.device("cpu"))
+        torch.testing.assert_close(norm, ref_norm, **GRAD_SPLIT)
+        scale = min(1.0, max_norm / (ref_norm.item() + 1e-6))
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.full_tensor(), ref_grads[n] * scale, **GRAD_SPLIT,
+                                       msg=lambda m: f"{n}: {m}")
+    with pytest.raises(ValueError, match="sharded over one mesh"):
+        clip_sharded_grad_norm_(make_model().parameters(), 1.0, device=torch.device("cpu"))
     dist.destroy_process_group()
 
 
