@@ -47,7 +47,7 @@ from rlprims.data import (SamplerState, arithmetic_preference_rows, next_indices
                           read_preference_parquet, sampler_init)
 from rlprims.launch import fit_to_device, init, parse_args, shutdown
 from rlprims.metrics import close_run_log, log_metrics, open_run_log, progress
-from rlprims.models.packed import register_packed_attention
+from rlprims.models.fused import load_model
 from rlprims.ops import micro_batch_partition, num_micro_batches, pack_sequences
 from rlprims.parallel import all_reduce_scalars, build_mesh, gather_once, shard_model
 from rlprims.rollout import default_model_path
@@ -114,8 +114,8 @@ def main(args: Args) -> None:
     model_dir = args.model or default_model_path()
     fit = fit_to_device(args, model_dir, ctx, rows=0)  # micro-batch tokens, checkpointing, offload
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=1, dtype=dtype, attn_implementation=register_packed_attention()).to(device)
+    model = load_model(model_dir, dtype=dtype, device=device, auto_class=AutoModelForSequenceClassification,
+                       num_labels=1)  # packed attention
     if model.config.pad_token_id is None:  # HF pools the last non-pad token; it needs to know the pad token
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.config.pad_token_id is None:

@@ -35,14 +35,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from rlprims.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlprims.data import (SFTTokens, SamplerState, arithmetic_sft_rows, next_indices, read_sft_parquet,
                           sampler_init, sft_tokens)
 from rlprims.launch import fit_to_device, init, parse_args, shutdown
 from rlprims.metrics import close_run_log, log_metrics, open_run_log, perf_metrics, progress
-from rlprims.models.packed import register_packed_attention, response_logprobs
+from rlprims.models.fused import load_model
+from rlprims.models.packed import response_logprobs
 from rlprims.ops import aggregate_token_mean, masked_sum, micro_batch_partition, num_micro_batches
 from rlprims.parallel import all_reduce_scalars, build_mesh, gather_once, shard_model, step_loss_normalizers
 from rlprims.rollout import default_model_path
@@ -110,8 +111,7 @@ def main(args: Args) -> None:
     fit = fit_to_device(args, model_dir, ctx, rows=0)  # micro-batch tokens, checkpointing, offload
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                 attn_implementation=register_packed_attention()).to(device)
+    model = load_model(model_dir, dtype=dtype, device=device)  # packed attention
     shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if compute != dtype else None,
                 **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
