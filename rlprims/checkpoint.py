@@ -479,7 +479,9 @@ def export_hf(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     out_dir = Path(out_dir)
-    full = _full_state_dict(model, through_buckets=_offloaded(model))
+    from rlprims.parallel.fsdp import offloaded_to_cpu
+
+    full = _full_state_dict(model, through_buckets=offloaded_to_cpu(model))
     error = None
     if _rank() == 0:
         try:
@@ -491,17 +493,11 @@ def export_hf(
     return out_dir
 
 
-def _offloaded(model: torch.nn.Module) -> bool:
-    from rlprims.parallel.fsdp import offloaded_to_cpu
-
-    return offloaded_to_cpu(model)
-
-
 def _full_state_dict(model: torch.nn.Module, *, through_buckets: bool) -> dict[str, torch.Tensor]:
     """The full weights on rank 0's CPU ({} elsewhere). through_buckets: gathered bucket by bucket on the
     mesh's device (`weight_buckets`; FSDP2 CPU offload on GPUs, whose CPU shards an NCCL-only group
-    cannot all-gather), else torch's `get_model_state_dict` (a tied alias is left out by the former:
-    `_write_hf` restores it)."""
+    cannot all-gather), else torch's `get_model_state_dict`. The former leaves a tied alias (lm_head
+    tied to embed_tokens) out, which save_pretrained drops anyway."""
     if not through_buckets:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     from rlprims.parallel.buckets import weight_buckets

@@ -175,6 +175,7 @@ def _rollout_logprobs(args: Any, *, cuda: bool) -> bool:
 
 def _check_host_memory(g: ModelGeometry, host_state: int, host_memory: int | None, master: int,
                        total: int) -> None:
+    """Raises unless host_state ≤ 0.8 · host_memory (pinned shards of every rank of the node, bytes)."""
     if host_memory is None or host_state <= 0.8 * host_memory:
         return
     hint = "--dtype bfloat16 (half the state), " if master > 2 else ""
