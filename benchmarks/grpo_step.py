@@ -14,8 +14,8 @@ Printed per size (mean over the steps after the first, as the issue's table):
   read through NVML every 50 ms over the whole run (what nvidia-smi shows; the driver's own ~0.5 GiB
   included), and the update's MFU: 6 · params · computed tokens / timing_s/update_actor / the bf16
   matmul rate measured at the end of the run (an 8192³ product); computed tokens = response tokens +
-  prompt tokens / n with `--recipe-flags --share-prompts true` (each group's prompt once), else +
-  all prompt tokens (the default on a GPU).
+  prompt tokens / n (each group's prompt once: `--share-prompts`, the default), or + all prompt tokens
+  with `--recipe-flags --share-prompts false`.
 And, with --standalone (default for 0.5b), the same vLLM generating the same batch on its own in a fresh
 process (vLLM's default multi-process engine, the recipe's engine settings: compiled, bf16, the fitted KV
 cache), twice: with vLLM's default max_num_seqs and with the recipe's; each without log-probs, with the

@@ -117,7 +117,7 @@ def main(args: Args) -> None:
     seed_all(args.seed)  # vLLM reseeds the global RNGs when it starts
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = load_model(model_dir, dtype=dtype, device=device, use_liger=args.use_liger)  # packed attention
+    model = load_model(model_dir, dtype=dtype, device=device, use_liger=fit.use_liger)  # packed attention
     mesh = build_mesh(device_type=device.type, tp=args.tp)
     dp, (dp_rank, dp_size) = mesh.get_group("dp"), dp_rank_and_size(mesh)  # ranks of one engine: one dp rank
     shard_model(model, mesh, param_dtype=compute if compute != dtype else None, **fit.shard_kwargs)

@@ -97,8 +97,8 @@ def main(args: Args) -> None:
     seed_all(args.seed)  # vLLM reseeds the global RNGs when it starts (and the value head is drawn next)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = load_model(model_dir, dtype=dtype, device=device, use_liger=args.use_liger)  # packed attention
-    critic = load_model(model_dir, dtype=dtype, device=device, use_liger=args.use_liger, num_labels=1,
+    model = load_model(model_dir, dtype=dtype, device=device, use_liger=fit.use_liger)  # packed attention
+    critic = load_model(model_dir, dtype=dtype, device=device, use_liger=fit.use_liger, num_labels=1,
                         auto_class=AutoModelForTokenClassification)  # backbone + a fresh Linear(H, 1) head
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.kl_coef > 0 else None
     mesh = build_mesh(device_type=device.type, tp=args.tp)

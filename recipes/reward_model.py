@@ -89,6 +89,10 @@ class Args:
     else dtype."""
     activation_checkpointing: bool | None = None
     """Recompute each decoder layer in backward (less activation memory); unset = fit (only if needed)."""
+    use_liger: bool | None = None
+    """Liger's fused Triton kernels for the trainer's RMSNorms, rotary embedding and SwiGLU (verl's
+    use_liger; CUDA only; `pip install liger-kernel`; rlprims.models.fused); unset = on where CUDA and
+    liger-kernel are there and it has kernels for the model type."""
     val_pairs: int = 64
     """Held-out pairs for val/rm/* (0 = no validation)."""
     val_every: int = 10
@@ -115,7 +119,7 @@ def main(args: Args) -> None:
     fit = fit_to_device(args, model_dir, ctx, rows=0)  # micro-batch tokens, checkpointing, offload
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device, auto_class=AutoModelForSequenceClassification,
-                       num_labels=1)  # packed attention
+                       use_liger=fit.use_liger, num_labels=1)  # packed attention
     if model.config.pad_token_id is None:  # HF pools the last non-pad token; it needs to know the pad token
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.config.pad_token_id is None:

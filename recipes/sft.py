@@ -85,6 +85,10 @@ class Args:
     else dtype."""
     activation_checkpointing: bool | None = None
     """Recompute each decoder layer in backward (less activation memory); unset = fit (only if needed)."""
+    use_liger: bool | None = None
+    """Liger's fused Triton kernels for the trainer's RMSNorms, rotary embedding and SwiGLU (verl's
+    use_liger; CUDA only; `pip install liger-kernel`; rlprims.models.fused); unset = on where CUDA and
+    liger-kernel are there and it has kernels for the model type."""
     val_rows: int = 64
     """Conversations in the validation loss (0 = no validation)."""
     val_every: int = 10
@@ -111,7 +115,7 @@ def main(args: Args) -> None:
     fit = fit_to_device(args, model_dir, ctx, rows=0)  # micro-batch tokens, checkpointing, offload
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = load_model(model_dir, dtype=dtype, device=device)  # packed attention
+    model = load_model(model_dir, dtype=dtype, device=device, use_liger=fit.use_liger)  # packed attention
     shard_model(model, build_mesh(device_type=device.type), param_dtype=compute if compute != dtype else None,
                 **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),

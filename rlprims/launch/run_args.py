@@ -65,9 +65,10 @@ class RunArgs:
     max_tokens_per_micro_batch: int = 0
     """Token budget of one forward/backward (verl's dynamic batch size); 0 = fit (CPU: 8192; GPU: from
     the model and the GPU's memory, rlprims.launch.sizing)."""
-    use_liger: bool = False
+    use_liger: bool | None = None
     """Liger's fused Triton kernels for the trainer's RMSNorms, rotary embedding and SwiGLU (verl's
-    use_liger; CUDA only; `pip install liger-kernel`; rlprims.models.fused)."""
+    use_liger; CUDA only; `pip install liger-kernel`; rlprims.models.fused); unset = on where CUDA and
+    liger-kernel are there and it has kernels for the model type."""
     share_prompts: bool | None = None
     """Compute each prompt once for its group's samples in the trainer's forward/backward (exact: same
     values up to fp summation order; rlprims.ops.pack_shared_prefixes); unset = on."""

@@ -16,8 +16,12 @@ sleep, 8,192-token micro-batches, no checkpointing), so CPU runs do not change. 
               sampled tokens' log-probs only where a rollout correction needs them (--rollout-logprobs:
               on an H200 vLLM's log-prob path adds 33 % (max_num_seqs 512) to 85 % (1,024) to generation;
               on CPU they stay on).
-  trainer     micro-batches of max(16,384, 2 · max_model_len) tokens, or fewer if they do not fit;
-              activation checkpointing only when that size does not fit without it; parameters gathered
+  trainer     Liger's fused RMSNorm / RoPE / SwiGLU kernels where liger-kernel is installed and has them
+              for the model type (--use-liger; 28 % less activation memory, and faster); micro-batches
+              big enough that their GPU work hides the host's per-micro-batch work (~0.15 s on an H200:
+              6 · P · T ≥ 6 · 0.4B · 32,768 FLOPs, at least max(16,384, 2 · max_model_len) tokens), with
+              activations ≤ a quarter of the GPU, or fewer tokens if they do not fit; activation
+              checkpointing only when max(16,384, 2 · max_model_len) tokens do not fit without it; parameters gathered
               once per optimizer step (`rlprims.parallel.gather_once`) when that costs ≤ 5 % of the GPU;
               FSDP2 CPU offload when the sharded fp32 state does not fit beside the activations.
 
@@ -25,11 +29,13 @@ The memory model (per rank, bytes; P parameters, L layers, hidden H, MLP width I
   state         P · (m + m + 2m) / world    m = master-weight bytes (fp32: 4): weights, grads, Adam
   gather_once   6 · P                       bf16 gathered weights + fp32 unsharded gradients
   activations   T · L · (24 H + 7 I) · 1.15 per micro-batch of T tokens, no checkpointing
+                T · L · (18 H + 5 I) · 1.15 with Liger's kernels (they keep fewer intermediates)
                 T · (4 L H + 2 (24 H + 7 I)) with checkpointing
   reserve       4 GiB + 8 · V · H           CUDA context, allocator slack, LM-head gradient buffers
 The activation coefficients come from `benchmarks/micro_batch.py` on an H200 (docs/benchmarks.md: 0.5B
 1,478–1,582 KiB/token without checkpointing, 148–161 with; 1.5B 3,093–3,277 and 353): the formula gives
-1,497 and 3,127 KiB/token without checkpointing (within 5 %) and 192 and 362 with it (at or above).
+1,497 and 3,127 KiB/token without checkpointing (within 5 %) and 192 and 362 with it (at or above);
+0.5B with Liger: 1,077–1,107 measured (2026-12-03), 1,090 from the formula.
 """
 
 from __future__ import annotations
@@ -47,7 +53,12 @@ __all__ = ["DeviceFit", "ModelGeometry", "fit_to_device", "fit_to_memory", "mode
 GiB = 1 << 30
 CPU_KV_CACHE_BYTES = GiB // 2  # the recipes' CPU default (taken from RAM per engine)
 CPU_MICRO_BATCH_TOKENS = 8192  # the recipes' CPU default
-MIN_MICRO_BATCH_TOKENS = 16384  # below, a 0.5B micro-batch is bound by host work (benchmarks/micro_batch.py)
+MIN_MICRO_BATCH_TOKENS = 16384  # the smallest micro-batch the fit aims for (before memory caps it)
+# Host work per micro-batch (Python of the decoder layers, FSDP2 hooks, kernel launches) is ~0.15 s on an
+# H200 whatever its size; a 0.5B micro-batch's GPU work exceeds it from ~32k tokens (benchmarks/micro_batch.py:
+# with Liger's kernels 27 % MFU at 16k tokens, 39 % at 32k). Micro-batches get at least this much work:
+MICRO_BATCH_FLOPS = 6 * 402_000_000 * 32768
+ACTIVATION_SHARE = 0.25  # ... unless their activations would take more than this share of the GPU
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -61,6 +72,7 @@ class ModelGeometry(NamedTuple):
     vocab: int
     kv_heads: int
     head_dim: int
+    model_type: str = ""  # config.model_type (which fused kernels apply)
 
 
 class DeviceFit(NamedTuple):
@@ -76,6 +88,7 @@ class DeviceFit(NamedTuple):
     max_num_seqs: int | None = None  # vLLM's max_num_seqs; None: vLLM's default (CPU)
     rollout_logprobs: bool = True  # generate(logprobs=...): the engine's log-prob of each sampled token
     share_prompts: bool = True  # rows_logprobs*(share_prefixes=...): each group's prompt computed once
+    use_liger: bool = False  # load_model(use_liger=...): Liger's fused RMSNorm / RoPE / SwiGLU kernels
 
     @property
     def shard_kwargs(self) -> dict[str, Any]:
@@ -113,6 +126,7 @@ def model_geometry(model_dir: str | os.PathLike[str]) -> ModelGeometry:
         vocab=text.vocab_size,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        model_type=getattr(config, "model_type", "") or "",
     )
 
 
@@ -143,11 +157,21 @@ def kv_cache_bytes(
     return min(need, budget_bytes)
 
 
-def _activation_bytes_per_token(g: ModelGeometry, checkpointing: bool) -> float:
+def _activation_bytes_per_token(g: ModelGeometry, checkpointing: bool, liger: bool = False) -> float:
     layer = 24 * g.hidden + 7 * g.intermediate  # bf16 intermediates one decoder layer keeps for backward
     if checkpointing:
         return 4 * g.layers * g.hidden + 2 * layer
+    if liger:  # RMSNorm keeps its bf16 input and 1/rms, SwiGLU its two inputs, RoPE nothing
+        layer = 18 * g.hidden + 5 * g.intermediate
     return 1.15 * g.layers * layer
+
+
+def _use_liger(args: Any, *, cuda: bool, available: bool) -> bool:
+    """--use-liger, or fit: on CUDA where liger-kernel is installed and has kernels for the model type."""
+    explicit = getattr(args, "use_liger", None)
+    if explicit and not cuda:
+        raise ValueError("--use-liger true: Liger's Triton kernels run on CUDA only (drop it on CPU)")
+    return bool(explicit) if explicit is not None else cuda and available
 
 
 def _flags(args: Any) -> tuple[bool | None, float, int, int, bool | None]:
@@ -223,10 +247,15 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
             cpu_offload=False,
             rollout_logprobs=_rollout_logprobs(args, cuda=False),
             share_prompts=_share_prompts(args),
+            use_liger=_use_liger(args, cuda=False, available=False),
         )
+    from rlprims.models.fused import liger_supports
+
     total = torch.cuda.get_device_properties(dist.device).total_memory
-    return fit_to_memory(args, model_geometry(model_dir), total_memory=total, world_size=dist.world_size,
-                         rows=rows, host_memory=host_memory_bytes(), local_world_size=dist.local_world_size)
+    g = model_geometry(model_dir)
+    return fit_to_memory(args, g, total_memory=total, world_size=dist.world_size, rows=rows,
+                         host_memory=host_memory_bytes(), local_world_size=dist.local_world_size,
+                         liger_available=liger_supports(g.model_type))
 
 
 def host_memory_bytes() -> int | None:
@@ -239,13 +268,14 @@ def host_memory_bytes() -> int | None:
 
 def fit_to_memory(
     args: Any, g: ModelGeometry, *, total_memory: int, world_size: int, rows: int,
-    host_memory: int | None = None, local_world_size: int = 1,
+    host_memory: int | None = None, local_world_size: int = 1, liger_available: bool = False,
 ) -> DeviceFit:
     """`fit_to_device` for a GPU of `total_memory` bytes and a model of geometry `g` (no device needed).
 
     host_memory: the machine's RAM in bytes (None = unknown): CPU offload must leave a fifth of it free
     for the `local_world_size` processes' pinned shards, or this raises instead of letting the job be
-    killed by the OOM killer mid-run."""
+    killed by the OOM killer mid-run. liger_available: liger-kernel is installed and has kernels for the
+    model type (`rlprims.models.fused.liger_supports`); --use-liger unset then means on."""
     total = total_memory
     compile_engine, kv_gb, sleep, tokens, checkpointing = _flags(args)
     tp = int(getattr(args, "tp", 1) or 1)
@@ -286,11 +316,15 @@ def fit_to_memory(
     gather_extra = 6 * g.params
     gather = gather_extra <= 0.05 * total or (cpu_offload and gather_extra <= (usable - state) // 2)
     free = usable - state - (gather_extra if gather else 0)
-    want = tokens or max(MIN_MICRO_BATCH_TOKENS, 2 * max_len)
+    liger = _use_liger(args, cuda=True, available=liger_available)
+    floor = tokens or max(MIN_MICRO_BATCH_TOKENS, 2 * max_len)
     if checkpointing is None:
-        checkpointing = free < want * _activation_bytes_per_token(g, checkpointing=False)
-    fit_tokens = int(free // _activation_bytes_per_token(g, checkpointing=bool(checkpointing)))
+        checkpointing = free < floor * _activation_bytes_per_token(g, checkpointing=False, liger=liger)
+    per_token = _activation_bytes_per_token(g, checkpointing=bool(checkpointing), liger=liger)
+    fit_tokens = int(free // per_token)
     if not tokens:
+        busy = -(-MICRO_BATCH_FLOPS // (6 * g.params) // 1024) * 1024  # GPU work that hides the host's
+        want = max(floor, min(busy, int(ACTIVATION_SHARE * total // per_token)))
         tokens = max(1024, min(want, fit_tokens) // 1024 * 1024)
     if fit_tokens < max_len:
         raise ValueError(
@@ -309,4 +343,5 @@ def fit_to_memory(
         max_num_seqs=max(256, -(-rows // 8) * 8) if rows else None,
         rollout_logprobs=_rollout_logprobs(args, cuda=True),
         share_prompts=_share_prompts(args),
+        use_liger=liger,
     )

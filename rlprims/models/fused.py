@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["load_model", "use_liger_kernels", "liger_model_types"]
+__all__ = ["load_model", "use_liger_kernels", "liger_model_types", "liger_supports"]
 
 _KERNELS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
 
@@ -41,6 +41,15 @@ def _liger():
 def liger_model_types() -> list[str]:
     """The transformers model types Liger has kernels for (config.model_type values)."""
     return sorted(_liger().MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def liger_supports(model_type: str) -> bool:
+    """Whether liger-kernel is installed and has kernels for `model_type` (what `--use-liger` unset, on
+    CUDA, turns on; `rlprims.launch.fit_to_device`)."""
+    try:
+        return model_type in _liger().MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
 
 
 def use_liger_kernels(model: nn.Module) -> nn.Module:

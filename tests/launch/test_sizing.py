@@ -61,8 +61,10 @@ def test_gpu_choices_for_the_measured_geometries():
     assert not small.enforce_eager and small.sleep_level == 2
     # the rollout batch at once: 512 x 640 tokens x 12,288 bytes (24 layers, 2 kv heads of 64, bf16), +25 %
     assert small.kv_cache_bytes == int(1.25 * 512 * 640 * 12288) + (64 << 20)
-    assert small.max_tokens_per_micro_batch == 16384 and not small.checkpointing and small.gather_once
-    assert not small.cpu_offload
+    # micro-batches of 32k tokens hide the host's work at 0.5B; without Liger they would take a third of
+    # the GPU (1.5 MB/token), so they stop at a quarter of it
+    assert small.max_tokens_per_micro_batch == 24576 and not small.checkpointing and small.gather_once
+    assert not small.cpu_offload and not small.use_liger
     assert small.shard_kwargs == dict(activation_checkpointing=False, reshard_after_forward=False,
                                       cpu_offload=False)
     assert small.max_num_seqs == 512 and small.engine_kwargs == dict(
@@ -70,8 +72,10 @@ def test_gpu_choices_for_the_measured_geometries():
         engine_args={"max_num_seqs": 512})
     assert fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=20).max_num_seqs == 256  # floor
     assert fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=1001).max_num_seqs == 1008  # of 8
-    mid = fit_to_memory(args, Q15, total_memory=H200, world_size=1, rows=512)
+    mid = fit_to_memory(args, Q15, total_memory=H200, world_size=1, rows=512, liger_available=True)
+    # 16k tokens of 1.5B are GPU work enough; Liger on
     assert mid.max_tokens_per_micro_batch == 16384 and not mid.checkpointing and not mid.gather_once
+    assert mid.use_liger
     big = fit_to_memory(args, Q7, total_memory=H200, world_size=1, rows=512)
     assert big.cpu_offload and big.checkpointing and big.gather_once  # 122 GB of fp32 state: to the CPU
     assert big.shard_kwargs == dict(activation_checkpointing=True, reshard_after_forward=False,
@@ -80,6 +84,33 @@ def test_gpu_choices_for_the_measured_geometries():
     # 8 ranks share the 7B state: no offload, no gathering (6 bytes/param would be 46 GB on every rank)
     node = fit_to_memory(args, Q7, total_memory=H200, world_size=8, rows=512)
     assert not node.cpu_offload and not node.gather_once
+
+
+def test_liger_where_installed_and_the_micro_batch_it_allows():
+    args = SimpleNamespace(**WORKLOAD)
+    fused = fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=512, liger_available=True)
+    # 6 x 0.402B x 32,768 FLOPs per micro-batch; Liger keeps 1.09 MB/token: 34 GiB, within a quarter
+    assert fused.use_liger and fused.max_tokens_per_micro_batch == 32768 and not fused.checkpointing
+    off = SimpleNamespace(**WORKLOAD, use_liger=False)
+    assert not fit_to_memory(off, Q05, total_memory=H200, world_size=1, rows=512, liger_available=True).use_liger
+    on = SimpleNamespace(**WORKLOAD, use_liger=True)  # explicit: load_model then says what is missing
+    assert fit_to_memory(on, Q05, total_memory=H200, world_size=1, rows=512).use_liger
+    # a smaller GPU: the quarter of it caps the micro-batch before the FLOPs do
+    quarter = fit_to_memory(args, Q05, total_memory=H200 // 2, world_size=1, rows=512, liger_available=True)
+    assert quarter.max_tokens_per_micro_batch == 16384
+    assert not fit_to_device(RunArgs(), "unused-on-cpu", CPU, rows=16).use_liger
+    with pytest.raises(ValueError, match="--use-liger true: .* CUDA only"):
+        fit_to_device(RunArgs(use_liger=True), "unused-on-cpu", CPU, rows=16)
+
+
+def test_liger_supports(monkeypatch):
+    import sys
+
+    from rlprims.models.fused import liger_supports
+
+    assert liger_supports("qwen2") and liger_supports("llama") and not liger_supports("no-such-model")
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed
+    assert not liger_supports("qwen2")
 
 
 def test_cpu_offload_must_fit_the_host():
@@ -140,6 +171,7 @@ def test_model_geometry_counts_the_parameters(tmp_path):
     model = AutoModelForCausalLM.from_config(cfg)
     assert g.params == sum(p.numel() for p in model.parameters())
     assert (g.layers, g.hidden, g.intermediate, g.vocab, g.kv_heads, g.head_dim) == (2, 32, 48, 64, 2, 8)
+    assert g.model_type == "qwen2"
 
 
 def test_share_prompts_on_by_default_and_as_given():
@@ -156,9 +188,10 @@ def test_a_recipe_without_an_engine():
     cpu = fit_to_device(sft, "unused-on-cpu", CPU, rows=0)
     assert cpu.max_tokens_per_micro_batch == 8192 and cpu.shard_kwargs == dict(
         activation_checkpointing=False, reshard_after_forward=True, cpu_offload=False)
-    gpu = fit_to_memory(SimpleNamespace(max_len=12000), Q05, total_memory=H200, world_size=1, rows=0)
+    gpu = fit_to_memory(SimpleNamespace(max_len=14000), Q05, total_memory=H200, world_size=1, rows=0)
     assert gpu.kv_cache_bytes == 0 and gpu.sleep_level == 0 and gpu.max_num_seqs is None
-    assert gpu.max_tokens_per_micro_batch == 24000 // 1024 * 1024 and gpu.gather_once  # 2 x max_len > 16k
+    # 2 x max_len is more than the quarter of the GPU allows (24,576): two sequences a micro-batch still
+    assert gpu.max_tokens_per_micro_batch == 28000 // 1024 * 1024 and gpu.gather_once
     with pytest.raises(ValueError, match="one sequence of 2000000 tokens does not fit"):
         fit_to_memory(SimpleNamespace(max_len=2_000_000), Q05, total_memory=H200, world_size=1, rows=0)
 
