@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlprims.models.fused import _is_patched, liger_model_types, load_model, use_liger_kernels
-from rlprims.models.packed import PACKED_ATTENTION, response_logprobs_and_entropy
+from rlprims.models.packed import PACKED_ATTENTION, register_packed_attention, response_logprobs_and_entropy
 from tests.models.test_packed import _batch, _qwen2
 from tests.tolerances import BF16_MODEL
 
@@ -55,7 +55,7 @@ def test_liger_equals_eager_cuda_bf16():
     results = []
     for liger in (False, True):
         model = _qwen2(max_window_layers=0).cuda().bfloat16()
-        model.set_attn_implementation(PACKED_ATTENTION)
+        model.set_attn_implementation(register_packed_attention())  # this test may run alone
         if liger:
             use_liger_kernels(model)
             layer = model.model.layers[0]
