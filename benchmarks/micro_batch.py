@@ -21,7 +21,8 @@ Variants (each on a freshly sharded model; "+ac" adds activation checkpointing o
   compile    gather + torch.compile of every decoder layer (dynamic shapes)
   cparts     gather + torch.compile of each layer's MLP and two RMSNorms (no graph break: the
              attention stays eager)
-  liger      gather + Liger's fused RMSNorm, RoPE and SwiGLU kernels (`--use-liger`; CUDA only)
+  liger      gather + Liger's fused RMSNorm, RoPE and SwiGLU kernels (what the recipes run on CUDA where
+             liger-kernel is installed: `--use-liger` unset; CUDA only)
 
 Jobs are SIZE:VARIANT:BUDGET triples (--jobs); the defaults measure the 0.5B geometry of the GRPO issue
 (49,152-token vocabulary) and a few 1.5B / 7B points. `grad_norm` (the mini-batch's gradient norm before
@@ -57,7 +58,7 @@ DEFAULT_JOBS = ",".join([
     "0.5b:base:8192", "0.5b:gather:8192", "0.5b:base:16384", "0.5b:gather:16384", "0.5b:base:32768",
     "0.5b:gather:32768", "0.5b:gather+ac:32768", "0.5b:gather+ac:65536", "0.5b:noraf:8192",
     "1.5b:base:16384", "1.5b:gather:16384", "1.5b:gather+ac:32768", "7b:base+ac:8192", "7b:base+ac:16384",
-    "0.5b:compile:16384",
+    "0.5b:compile:16384", "0.5b:liger:16384", "0.5b:liger:26624", "0.5b:liger:32768",
 ])
 
 
