@@ -93,7 +93,8 @@ def test_liger_where_installed_and_the_micro_batch_it_allows():
     # a fifth of the GPU (28 GiB) holds 26,624 tokens
     assert fused.use_liger and fused.max_tokens_per_micro_batch == 26624 and not fused.checkpointing
     off = SimpleNamespace(**WORKLOAD, use_liger=False)
-    assert not fit_to_memory(off, Q05, total_memory=H200, world_size=1, rows=512, liger_available=True).use_liger
+    assert not fit_to_memory(off, Q05, total_memory=H200, world_size=1, rows=512,
+                             liger_available=True).use_liger
     on = SimpleNamespace(**WORKLOAD, use_liger=True)  # explicit: load_model then says what is missing
     assert fit_to_memory(on, Q05, total_memory=H200, world_size=1, rows=512).use_liger
     # a smaller GPU: its fifth is below the 16k floor, which still holds
