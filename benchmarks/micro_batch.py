@@ -23,6 +23,8 @@ Variants (each on a freshly sharded model; "+ac" adds activation checkpointing o
              attention stays eager)
   liger      gather + Liger's fused RMSNorm, RoPE and SwiGLU kernels (what the recipes run on CUDA where
              liger-kernel is installed: `--use-liger` unset; CUDA only)
+  gather1    gather with the whole model as one FSDP2 unit (`shard_model(..., per_layer=False)`: one set
+  liger1     of FSDP2 hooks per forward / backward instead of one per layer), and liger the same way
 
 Jobs are SIZE:VARIANT:BUDGET triples (--jobs); the defaults measure the 0.5B geometry of the GRPO issue
 (49,152-token vocabulary) and a few 1.5B / 7B points. `grad_norm` (the mini-batch's gradient norm before
@@ -52,13 +54,15 @@ sys.path.insert(0, _REPO)
 
 from benchmarks.weight_sync import GEOMETRIES  # noqa: E402
 
-VARIANTS = ("base", "devpack", "noraf", "gather", "gather+ac", "base+ac", "compile", "cparts", "liger")
-GATHERED = ("gather", "compile", "cparts", "liger")  # the variants built on gather_once
+VARIANTS = ("base", "devpack", "noraf", "gather", "gather+ac", "base+ac", "compile", "cparts", "liger",
+            "gather1", "liger1")
+GATHERED = ("gather", "compile", "cparts", "liger")  # the variants built on gather_once (+ their "1" forms)
 DEFAULT_JOBS = ",".join([
     "0.5b:base:8192", "0.5b:gather:8192", "0.5b:base:16384", "0.5b:gather:16384", "0.5b:base:32768",
     "0.5b:gather:32768", "0.5b:gather+ac:32768", "0.5b:gather+ac:65536", "0.5b:noraf:8192",
     "1.5b:base:16384", "1.5b:gather:16384", "1.5b:gather+ac:32768", "7b:base+ac:8192", "7b:base+ac:16384",
-    "0.5b:compile:16384", "0.5b:liger:16384", "0.5b:liger:26624", "0.5b:liger:32768",
+    "0.5b:compile:16384", "0.5b:liger:16384", "0.5b:liger:26624", "0.5b:liger:32768", "0.5b:gather1:16384",
+    "0.5b:liger1:16384", "0.5b:liger1:26624",
 ])
 
 
@@ -121,7 +125,7 @@ def build(args, size: str, variant: str, device: torch.device):
     if variant == "compile":
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
-    if variant == "liger":  # Liger's fused RMSNorm, RoPE and SwiGLU (what --use-liger does)
+    if variant.startswith("liger"):  # Liger's fused RMSNorm, RoPE and SwiGLU (what --use-liger does)
         from rlprims.models.fused import use_liger_kernels
 
         use_liger_kernels(model)
@@ -132,7 +136,7 @@ def build(args, size: str, variant: str, device: torch.device):
     cuda = device.type == "cuda"
     shard_model(model, build_mesh(device_type=device.type), param_dtype=torch.bfloat16 if cuda else None,
                 reshard_after_forward=not variant.startswith(("noraf", *GATHERED)),
-                activation_checkpointing=variant.endswith("+ac"))
+                activation_checkpointing=variant.endswith("+ac"), per_layer=not variant.endswith("1"))
     return model, cfg
 
 

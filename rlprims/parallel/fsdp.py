@@ -40,6 +40,7 @@ def shard_model(
     reshard_after_forward: bool = True,
     average_gradients: bool = False,
     activation_checkpointing: bool = False,
+    per_layer: bool = True,
 ) -> nn.Module:
     """Shards `model` in place with FSDP2 over all ranks of `mesh`: each decoder layer, then the root.
 
@@ -64,6 +65,13 @@ def shard_model(
       intermediates to its input (≈ 2·hidden bytes in bf16 per layer), for one more forward pass of
       compute (≈ +1/3 of forward + backward). Gradients are identical (tested).
 
+    per_layer: True (default) makes each decoder layer its own FSDP2 unit, gathered and reduced on its
+      own (overlapping communication with the neighbouring layers' compute); False makes the whole model
+      one unit: one set of FSDP2 hooks per forward and backward instead of one per layer, so less host
+      work per micro-batch (a 24-layer toy model on CPU: 145 → 88 ms per micro-batch), but every
+      parameter is gathered at once, from the first forward to the end of the backward. Meant for
+      models small enough to stay gathered anyway, with `gather_once`.
+
     Differs from torch's default: gradients summed, not averaged (see average_gradients).
     Returns the same module, now also an FSDPModule (clip_grad_norm_ of torch works on its DTensor grads).
     """
@@ -82,7 +90,7 @@ def shard_model(
 
         for layer in layers:
             checkpoint(layer)
-    for layer in layers:
+    for layer in layers if per_layer else ():
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=False, **kw)
     if not average_gradients:

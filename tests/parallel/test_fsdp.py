@@ -97,6 +97,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     torch.set_num_threads(1)
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from rlprims.parallel import (
@@ -169,6 +170,11 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         opt.step()
         for n, t in engine_weights(model):
             torch.testing.assert_close(t, ref_weights[n], **REORDER, msg=lambda m: f"{n}: {m}")
+        if kw["reshard_after_forward"]:
+            continue
+        # one FSDP unit for the whole model: the same gathered weights after the step
+        for n, t in engine_weights(shard_model(make_model(), mesh, per_layer=False)):
+            assert torch.equal(t, full[n]), n
 
     # --- gather_once with activation checkpointing or CPU offload: one row per micro-batch, the same
     # gradients; after the step the next forward sees the new weights (nothing stays gathered) --------
@@ -177,9 +183,11 @@ def _worker(rank: int, world: int, init_file: str) -> None:
     ids, mask = batch()
     with torch.no_grad():
         ref_loss_after = loss_fn(after, ids, mask, mask.sum())
-    for ac, offload in ((False, False), (True, False), (False, True)):
+    for ac, offload, per_layer in ((False, False, True), (True, False, True), (False, True, True),
+                                   (False, False, False), (True, False, False)):
         model = shard_model(make_model(), mesh, reshard_after_forward=False, activation_checkpointing=ac,
-                            cpu_offload=offload)
+                            cpu_offload=offload, per_layer=per_layer)
+        assert sum(isinstance(m, FSDPModule) for m in model.modules()) == (3 if per_layer else 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
         mine = [[r] for r in range(rank * 4 // world, (rank + 1) * 4 // world)]
         for rows in gather_once(model, mine):
