@@ -29,7 +29,8 @@ _QUIET_ENV = {
     "TORCH_CPP_LOG_LEVEL": "ERROR",
 }
 # Loggers of libraries that may already be imported when quiet_console runs.
-_QUIET_LOGGERS = ("vllm", "transformers", "torch.distributed", "accelerate", "huggingface_hub")
+_QUIET_LOGGERS = ("vllm", "transformers", "torch.distributed", "accelerate", "huggingface_hub",
+                  "liger_kernel")  # liger: a warning per optional backend it cannot import (CuTe DSL, Ascend)
 _QUIET_MESSAGES = (
     r"FSDP2-wrapped module .* returned a view tensor",  # FSDP2 warns on every forward of a decoder layer
     r"barrier\(\): using the device under current context",  # torch.distributed, once per rank (CUDA)
@@ -56,8 +57,6 @@ def quiet_console(*, verbose: bool | None = None) -> bool:
         return False
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     for message in _QUIET_MESSAGES:
@@ -67,6 +66,8 @@ def quiet_console(*, verbose: bool | None = None) -> bool:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    for name in _QUIET_LOGGERS:  # after importing transformers: huggingface_hub sets its level on import
+        logging.getLogger(name).setLevel(logging.ERROR)
     return True
 
 
