@@ -19,6 +19,7 @@ liger-kernel` (0.8 or newer, for transformers 5).
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -45,10 +46,16 @@ def liger_model_types() -> list[str]:
 
 def liger_supports(model_type: str) -> bool:
     """Whether liger-kernel is installed and has kernels for `model_type` (what `--use-liger` unset, on
-    CUDA, turns on; `rlprims.launch.fit_to_device`)."""
+    CUDA, turns on; `rlprims.launch.fit_to_device`). An installed liger-kernel that fails to import (say,
+    against another Triton) counts as absent, with a warning: an optional speed-up must not stop a run."""
     try:
         return model_type in _liger().MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
+        return False
+    except Exception as e:  # noqa: BLE001 - whatever a broken install raises
+        warnings.warn(f"liger-kernel is installed but failed to import ({type(e).__name__}: {e}); the "
+                      "trainer runs without its fused kernels (fix the install, or pass --use-liger false)",
+                      stacklevel=2)
         return False
 
 

@@ -114,6 +114,13 @@ def test_liger_supports(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)  # not installed
     assert not liger_supports("qwen2")
 
+    def broken():
+        raise RuntimeError("triton mismatch")
+
+    monkeypatch.setattr("rlprims.models.fused._liger", broken)  # installed, but fails to import
+    with pytest.warns(UserWarning, match="failed to import .RuntimeError: triton mismatch.*use-liger false"):
+        assert not liger_supports("qwen2")
+
 
 def test_cpu_offload_must_fit_the_host():
     """7B with fp32 masters on one H200: 113 GiB of state goes to the CPU; a 128 GiB host (the H200
