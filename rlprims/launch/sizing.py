@@ -325,7 +325,7 @@ def fit_to_memory(
     per_token = _activation_bytes_per_token(g, checkpointing=bool(checkpointing), liger=liger)
     fit_tokens = int(free // per_token)
     if not tokens:
-        busy = -(-MICRO_BATCH_FLOPS // (6 * g.params) // 1024) * 1024  # GPU work that hides the host's
+        busy = math.ceil(MICRO_BATCH_FLOPS / (6 * g.params) / 1024) * 1024  # work that hides the host's
         want = max(floor, min(busy, int(ACTIVATION_SHARE * total // per_token)))
         tokens = max(1024, min(want, fit_tokens) // 1024 * 1024)
     if fit_tokens < max_len:

