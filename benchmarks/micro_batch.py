@@ -25,6 +25,10 @@ Variants (each on a freshly sharded model; "+ac" adds activation checkpointing o
              liger-kernel is installed: `--use-liger` unset; CUDA only)
   gather1    gather with the whole model as one FSDP2 unit (`shard_model(..., per_layer=False)`: one set
   liger1     of FSDP2 hooks per forward / backward instead of one per layer), and liger the same way
+  ...h       any variant but devpack with an "h" appended (e.g. ligerh): the rows kept on the CPU and the
+             forward on the GPU (`device=`), as the recipes run since 2026-12-03 night: packing waits
+             for nothing, so the next micro-batch is queued while the GPU finishes the last backward.
+             Without "h" the rows are on the GPU and each micro-batch waits once (the copy of its masks).
 
 Jobs are SIZE:VARIANT:BUDGET triples (--jobs); the defaults measure the 0.5B geometry of the GRPO issue
 (49,152-token vocabulary) and a few 1.5B / 7B points. `grad_norm` (the mini-batch's gradient norm before
@@ -57,12 +61,18 @@ from benchmarks.weight_sync import GEOMETRIES  # noqa: E402
 VARIANTS = ("base", "devpack", "noraf", "gather", "gather+ac", "base+ac", "compile", "cparts", "liger",
             "gather1", "liger1")
 GATHERED = ("gather", "compile", "cparts", "liger")  # the variants built on gather_once (+ their "1" forms)
+
+
+def parse_variant(variant: str) -> tuple[str, bool]:
+    """(the variant without its "h" suffix, whether the rows stay on the host)."""
+    host = variant.endswith("h") and variant[:-1] in VARIANTS and variant != "devpackh"
+    return (variant[:-1] if host else variant), host
 DEFAULT_JOBS = ",".join([
     "0.5b:base:8192", "0.5b:gather:8192", "0.5b:base:16384", "0.5b:gather:16384", "0.5b:base:32768",
     "0.5b:gather:32768", "0.5b:gather+ac:32768", "0.5b:gather+ac:65536", "0.5b:noraf:8192",
     "1.5b:base:16384", "1.5b:gather:16384", "1.5b:gather+ac:32768", "7b:base+ac:8192", "7b:base+ac:16384",
     "0.5b:compile:16384", "0.5b:liger:16384", "0.5b:liger:26624", "0.5b:liger:32768", "0.5b:gather1:16384",
-    "0.5b:liger1:16384", "0.5b:liger1:26624",
+    "0.5b:liger1:16384", "0.5b:liger1:26624", "0.5b:ligerh:26624", "0.5b:liger1h:26624",
 ])
 
 
@@ -149,22 +159,29 @@ def rows(args, cfg, device):
     attention = (pos[None] >= (P - prompt)[:, None])  # left-padded prompts, full responses
     response = (pos[None] >= P).expand(args.seqs, -1).clone()
     adv = torch.randn(args.seqs, generator=g)[:, None].expand(-1, P + R).contiguous()
-    return [t.to(device) for t in (ids, attention, response, adv)], (prompt + R).tolist()
+    on_device = [t.to(device) for t in (ids, attention, response, adv)]
+    return dict(device=on_device, host=[ids, attention, response]), (prompt + R).tolist()
 
 
-def run_mini_batch(model, data, plan, *, devpack: bool, gather: bool):
+def run_mini_batch(model, data, plan, *, devpack: bool, gather: bool, host: bool = False):
     """One mini-batch of the recipe's update loop; returns the gradient norm before zeroing."""
     from rlprims.models.packed import response_logprobs_and_entropy
     from rlprims.ops import aggregate_token_mean, ppo_clip_loss
     from rlprims.parallel import gather_once, step_loss_normalizers
 
-    ids, attention, response, adv = data
-    fn = devpack_logprobs_and_entropy if devpack else response_logprobs_and_entropy
+    ids, attention, response, adv = data["device"]
     norms = step_loss_normalizers([response[p] for p in plan])
     stats = 0.0
     for part in gather_once(model, plan, enabled=gather):
         idx = torch.tensor(part, dtype=torch.long, device=ids.device)
-        out = fn(model, ids[idx], attention[idx], response[idx], temperature=1.0)
+        if devpack:
+            out = devpack_logprobs_and_entropy(model, ids[idx], attention[idx], response[idx], temperature=1.0)
+        elif host:  # the recipes' path: rows cut and packed on the host, the forward on the GPU
+            cpu_idx = torch.tensor(part, dtype=torch.long)
+            out = response_logprobs_and_entropy(model, *(t[cpu_idx] for t in data["host"]), temperature=1.0,
+                                                device=ids.device)
+        else:
+            out = response_logprobs_and_entropy(model, ids[idx], attention[idx], response[idx], temperature=1.0)
         m = response[idx]
         pg = ppo_clip_loss(out.logprobs, out.logprobs.detach(), adv[idx], m, clip_low=0.2, clip_high=0.28)
         loss = aggregate_token_mean(pg.loss, m, num_tokens=norms.num_tokens)
@@ -187,11 +204,12 @@ def measure(args, size, variant, budget, device, peak_tflops, out_dir):
     from rlprims.parallel import step_micro_batches
 
     t_build = time.perf_counter()
-    model, cfg = build(args, size, variant, device)
+    name, host = parse_variant(variant)
+    model, cfg = build(args, size, name, device)
     data, lengths = rows(args, cfg, device)
     (plan,) = step_micro_batches(lengths, max_tokens=budget)
     params = sum(p.numel() for p in model.parameters())
-    kw = dict(devpack=variant == "devpack", gather=variant.startswith(GATHERED))
+    kw = dict(devpack=name == "devpack", gather=name.startswith(GATHERED), host=host)
     state_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     t0 = time.perf_counter()
     run_mini_batch(model, data, plan, **kw)  # warm-up (compiles, autotune, allocator)
@@ -296,7 +314,7 @@ def main(argv=None) -> None:
     jobs = []
     for job in args.jobs.split(","):
         size, variant, budget = job.split(":")
-        if size not in GEOMETRIES or variant not in VARIANTS:
+        if size not in GEOMETRIES or parse_variant(variant)[0] not in VARIANTS:
             p.error(f"bad job {job!r}: size from {sorted(GEOMETRIES)}, variant from {VARIANTS}")
         jobs.append((size, variant, int(budget)))
     table = []

@@ -122,7 +122,8 @@ def main(args: Args) -> None:
     dp, (dp_rank, dp_size) = mesh.get_group("dp"), dp_rank_and_size(mesh)  # ranks of one engine: one dp rank
     shard_model(model, mesh, param_dtype=compute if compute != dtype else None, **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts}  # trainer log-probs
+    forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts,  # trainer log-probs
+                  "device": device}  # of a batch kept on the CPU: packed without waiting for the GPU
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
                         total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
@@ -172,7 +173,7 @@ def main(args: Args) -> None:
                 batch = generate(engine, [data[i][0] for i in picked], n=G, seed=seed, pad_token_id=pad_id,
                                  temperature=args.temperature, max_tokens=args.max_response_len,
                                  progress=rank == 0, logprobs=fit.rollout_logprobs)
-                batch = type(batch)(*(t.to(device) for t in batch))
+                batch = batch.to(device)
                 scored = score(batch, [data[i][1] for i in picked for _ in range(G)])
                 failed = {k: v + scored.metrics[k] for k, v in failed.items()}
                 scores = scored.scores.to(device)
@@ -187,6 +188,7 @@ def main(args: Args) -> None:
         # a rank still short pads with dropped groups that the loss ignores (same shapes, no gradient)
         groups = kept + dropped[: args.prompts_per_rank - len(kept)]
         batch, scores = cat_groups([g for g, _ in groups]), torch.cat([s for _, s in groups])
+        host = batch.to("cpu")  # for the forwards: packed without waiting for the GPU
         kept_rows = torch.arange(len(groups) * G, device=device) < len(kept) * G
         mask, loss_mask = batch.response_mask, batch.response_mask & kept_rows[:, None]
         lengths = (batch.prompt_lengths + batch.response_lengths).tolist()
@@ -197,7 +199,7 @@ def main(args: Args) -> None:
         with timed(timing, "old_log_prob"):  # ---- π_old (no grad), unless the ratio is 1 anyway --------
             every_part, old_logprobs = [p for plan in plans for p in plan], None
             if not on_policy:
-                old_logprobs = batch_logprobs(model, batch, every_part, **forward_kw)
+                old_logprobs = batch_logprobs(model, host, every_part, **forward_kw)
 
         with timed(timing, "adv"):  # ---- rewards: score + overlong shaping; group-relative advantages -----
             penalty = ops.overlong_penalty(batch.response_lengths, max_response_length=args.max_response_len,
@@ -207,7 +209,7 @@ def main(args: Args) -> None:
             advantages = ops.grpo_advantages(rewards, mask, group_size=G)
 
         def micro_batch_loss(part):  # its share of the mini-batch's loss (norms below) and metrics
-            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, **forward_kw)
+            logprobs, entropy = rows_logprobs_and_entropy(model, host, part, **forward_kw)
             trainer_logprobs[part] = logprobs.detach()
             m, old = loss_mask[part], logprobs.detach() if on_policy else old_logprobs[part]
             pg = ops.ppo_clip_loss(logprobs, old, advantages[part], m, clip_low=args.clip_low,

@@ -210,15 +210,16 @@ def main(args: Args) -> None:
 
         # ---- packed micro-batches of ≤ max_tokens, as many on every rank (FSDP2 gathers in each pass) ----
         P, seqs = batch.prompt_ids.shape[1], multiturn_sequences(mt)  # attends to every turn, [B, P + R]
+        seqs = type(seqs)(*(t.cpu() for t in seqs))  # on the host: micro-batches packed without GPU waits
         lengths = seqs.attention_mask.sum(1).tolist()
         plans = step_micro_batches(lengths, max_tokens=fit.max_tokens_per_micro_batch,
                                    mini_batches=args.mini_batches)
         on_policy = args.mini_batches == args.epochs == 1
 
         def logprobs_and_entropy(part):  # the trainer's forward over the rows' prompt and all their turns
-            idx = torch.tensor(part, dtype=torch.long, device=device)
+            idx = torch.tensor(part, dtype=torch.long)
             out = response_logprobs_and_entropy(model, *(t[idx] for t in seqs), temperature=args.temperature,
-                                                share_prefixes=fit.share_prompts)
+                                                share_prefixes=fit.share_prompts, device=device)
             return out.logprobs[:, P:], out.entropy[:, P:]
 
         with timed(timing, "old_log_prob"), torch.no_grad():  # ---- π_old, only when several updates -----

@@ -106,7 +106,8 @@ def main(args: Args) -> None:
     for m in [m for m in (model, critic, ref_model) if m is not None]:
         shard_model(m, mesh, param_dtype=compute if compute != dtype else None, **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts}  # trainer log-probs
+    forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts,  # trainer log-probs
+                  "device": device}  # of a batch kept on the CPU: packed without waiting for the GPU
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=0.0)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
@@ -165,7 +166,7 @@ def main(args: Args) -> None:
                              temperature=args.temperature, max_tokens=args.max_response_len,
                              progress=rank == 0, logprobs=fit.rollout_logprobs)
             sleep_engine(engine, level=fit.sleep_level)  # frees its memory for the update; the sync wakes it
-            batch = type(batch)(*(t.to(device) for t in batch))
+            host, batch = batch, batch.to(device)  # host: for the forwards (rlprims.models.rollout)
         mask = batch.response_mask
         with timed(timing, "reward"):
             scored = score(batch, [data[i][1] for i in picked])
@@ -176,8 +177,8 @@ def main(args: Args) -> None:
         every_part = [p for plan in plans for p in plan]
 
         with timed(timing, "old_log_prob"):  # ---- old log-probs, old values, reference log-probs ----------
-            old_logprobs = batch_logprobs(model, batch, every_part, **forward_kw)
-            ref_logprobs = batch_logprobs(ref_model, batch, every_part, **forward_kw) \
+            old_logprobs = batch_logprobs(model, host, every_part, **forward_kw)
+            ref_logprobs = batch_logprobs(ref_model, host, every_part, **forward_kw) \
                 if ref_model is not None else None
             old_values = torch.zeros_like(old_logprobs)
             with torch.no_grad():
@@ -204,7 +205,7 @@ def main(args: Args) -> None:
                           "critic/vpred_mean": vpred.item() * share}
 
         def actor_loss(part):  # its share of the mini-batch's policy loss (norms below) and metrics
-            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, **forward_kw)
+            logprobs, entropy = rows_logprobs_and_entropy(model, host, part, **forward_kw)
             m = mask[part]
             pg = ops.ppo_clip_loss(logprobs, old_logprobs[part], advantages[part], m, clip_low=args.clip_low,
                                    clip_high=args.clip_high, clip_dual=args.clip_dual or None)

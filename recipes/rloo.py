@@ -96,7 +96,8 @@ def main(args: Args) -> None:
     for m in [m for m in (model, ref_model) if m is not None]:
         shard_model(m, mesh, param_dtype=compute if compute != dtype else None, **fit.shard_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts}  # trainer log-probs
+    forward_kw = {"temperature": args.temperature, "share_prefixes": fit.share_prompts,  # trainer log-probs
+                  "device": device}  # of a batch kept on the CPU: packed without waiting for the GPU
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else compute_score
     lr_factor = partial(LR_SCHEDULES[args.lr_schedule], warmup_steps=int(args.warmup_ratio * args.steps),
                         total_steps=args.steps, min_lr_ratio=args.min_lr_ratio)
@@ -143,7 +144,7 @@ def main(args: Args) -> None:
                              temperature=args.temperature, max_tokens=args.max_response_len,
                              pad_token_id=pad_id, progress=rank == 0, logprobs=fit.rollout_logprobs)
             sleep_engine(engine, level=fit.sleep_level)  # frees its memory for the update; the sync wakes it
-            batch = type(batch)(*(t.to(device) for t in batch))  # groups are contiguous rows
+            host, batch = batch, batch.to(device)  # host: for the forwards (rlprims.models.rollout)
         mask = batch.response_mask
         with timed(timing, "reward"):
             scored = score(batch, [data[i][1] for i in picked for _ in range(args.group_size)])
@@ -154,7 +155,7 @@ def main(args: Args) -> None:
         on_policy = args.mini_batches == args.epochs == 1
 
         with timed(timing, "old_log_prob"):  # ---- π_old and π_ref (no grad): the KL reward needs both ---
-            logprobs_of = partial(batch_logprobs, batch=batch, parts=sum(plans, []), **forward_kw)
+            logprobs_of = partial(batch_logprobs, batch=host, parts=sum(plans, []), **forward_kw)
             old_logprobs = logprobs_of(model) if not on_policy or ref_model is not None else None
             ref_logprobs = logprobs_of(ref_model) if ref_model is not None else None
 
@@ -168,7 +169,7 @@ def main(args: Args) -> None:
             advantages = ops.rloo_advantages(rewards, mask, group_size=args.group_size)
 
         def micro_batch_loss(part):  # its share of the mini-batch's loss (norms below) and metrics
-            logprobs, entropy = rows_logprobs_and_entropy(model, batch, part, **forward_kw)
+            logprobs, entropy = rows_logprobs_and_entropy(model, host, part, **forward_kw)
             trainer_logprobs[part] = logprobs.detach()
             m, old = mask[part], logprobs.detach() if on_policy else old_logprobs[part]
             pg = ops.ppo_clip_loss(logprobs, old, advantages[part], m, clip_low=args.clip_low,

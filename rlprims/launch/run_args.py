@@ -75,6 +75,10 @@ class RunArgs:
     activation_checkpointing: bool | None = None
     """Recompute each decoder layer in backward instead of storing it; unset = only where the micro-batch
     would not fit without (GPU; never on CPU)."""
+    fsdp_per_layer: bool | None = None
+    """Each decoder layer its own FSDP2 unit (gathered and reduced on its own); false: the whole model one
+    unit, with less host work per micro-batch (needs gather_once, which the fit picks for small models);
+    unset = per layer."""
     cpu_offload: bool | None = None
     """FSDP2 CPU offload of the sharded weights, gradients and optimizer state (the step runs on the CPU);
     unset = fit: only where that state would take over half the GPU (rlprims.launch.sizing)."""

@@ -91,13 +91,15 @@ class DeviceFit(NamedTuple):
     rollout_logprobs: bool = True  # generate(logprobs=...): the engine's log-prob of each sampled token
     share_prompts: bool = True  # rows_logprobs*(share_prefixes=...): each group's prompt computed once
     use_liger: bool = False  # load_model(use_liger=...): Liger's fused RMSNorm / RoPE / SwiGLU kernels
+    per_layer: bool = True  # shard_model(per_layer=...): each decoder layer its own FSDP2 unit
 
     @property
     def shard_kwargs(self) -> dict[str, Any]:
         """The trainer's share, as `shard_model` keyword arguments: `shard_model(model, mesh, ...,
-        **fit.shard_kwargs)` (activation checkpointing, resharding for `gather_once`, CPU offload)."""
+        **fit.shard_kwargs)` (activation checkpointing, resharding for `gather_once`, CPU offload, FSDP2
+        units)."""
         return dict(activation_checkpointing=self.checkpointing, reshard_after_forward=not self.gather_once,
-                    cpu_offload=self.cpu_offload)
+                    cpu_offload=self.cpu_offload, per_layer=self.per_layer)
 
     @property
     def engine_kwargs(self) -> dict[str, Any]:
@@ -213,6 +215,12 @@ def _check_host_memory(g: ModelGeometry, host_state: int, host_memory: int | Non
     )
 
 
+def _per_layer(args: Any, *, gather_once: bool, cpu_offload: bool) -> bool:
+    """--fsdp-per-layer, or fit: per layer."""
+    explicit = getattr(args, "fsdp_per_layer", None)
+    return True if explicit is None else bool(explicit)
+
+
 def _share_prompts(args: Any) -> bool:
     """--share-prompts, or fit: on (exact, and never more work; on CUDA it relies on the varlen kernels'
     bottom-right causal alignment, which tests/models/test_packed.py checks with `-m gpu`)."""
@@ -250,6 +258,7 @@ def fit_to_device(args: Any, model_dir: str | os.PathLike[str], dist: Dist, *, r
             rollout_logprobs=_rollout_logprobs(args, cuda=False),
             share_prompts=_share_prompts(args),
             use_liger=_use_liger(args, cuda=False, available=False),
+            per_layer=_per_layer(args, gather_once=False, cpu_offload=False),
         )
     from rlprims.models.fused import liger_supports
 
@@ -346,4 +355,5 @@ def fit_to_memory(
         rollout_logprobs=_rollout_logprobs(args, cuda=True),
         share_prompts=_share_prompts(args),
         use_liger=liger,
+        per_layer=_per_layer(args, gather_once=gather, cpu_offload=cpu_offload),
     )

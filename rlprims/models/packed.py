@@ -449,20 +449,20 @@ def _lm_head_weight(model: nn.Module) -> Tensor:
 
 
 def _pack_on_host(
-    input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor
+    input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, device: torch.device
 ) -> tuple[PackedSequences, Tensor]:
     """`pack_sequences` + `packed_response_positions`, computed on CPU copies of the inputs, the results
-    copied back to the inputs' device without waiting (pinned memory, non-blocking).
+    copied to `device` without waiting (pinned memory, non-blocking).
 
     On the device the two functions wait for it about ten times (nonzero, the checks, max_seqlen); here
-    the only wait is the copy of the masks, and the micro-batch's kernels are queued without gaps. The
-    inputs are small ([B, T] ids and masks), the copies negligible. CPU inputs are packed in place.
+    the only wait is the copy of the masks, none when the inputs are on the CPU already, and the
+    micro-batch's kernels are queued without gaps. The inputs are small ([B, T] ids and masks), the
+    copies negligible. CPU inputs for a CPU forward are packed in place.
     """
-    device = input_ids.device
     if device.type == "cpu":
-        packed = pack_sequences(input_ids, attention_mask)
-        return packed, packed_response_positions(response_mask, packed)
-    masks = torch.stack((attention_mask, response_mask)).cpu()  # the one wait for the device
+        packed = pack_sequences(input_ids.cpu(), attention_mask.cpu())
+        return packed, packed_response_positions(response_mask.cpu(), packed)
+    masks = torch.stack((attention_mask, response_mask)).cpu()  # a wait for the device, unless on the CPU
     packed = pack_sequences(input_ids.cpu(), masks[0])
     positions = packed_response_positions(masks[1], packed)  # [M]; predicted by positions − 1
 
@@ -479,15 +479,26 @@ def _pack_on_host(
     return packed, to_device(positions)
 
 
-def _response_inputs(model, input_ids, attention_mask, response_mask, share_prefixes):
+def _forward_device(input_ids: Tensor, device: torch.device | str | None) -> torch.device:
+    """Where the forward runs: `device`, or the inputs' device when None."""
+    if device is None:
+        return input_ids.device
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _response_inputs(model, input_ids, attention_mask, response_mask, share_prefixes, device=None):
     """(hidden states that predict the response tokens [M, H], those tokens [M], LM-head weight, the
-    tokens' flat positions b·T + t [M])."""
+    tokens' flat positions b·T + t [M]), on `device` (default: the inputs')."""
     _check_model(model)
     check_tensor("input_ids", input_ids, ndim=2)
     check_mask("attention_mask", attention_mask, input_ids.shape)
     check_mask("response_mask", response_mask, input_ids.shape)
+    device = _forward_device(input_ids, device)
     if not share_prefixes:
-        packed, positions = _pack_on_host(input_ids, attention_mask, response_mask)
+        packed, positions = _pack_on_host(input_ids, attention_mask, response_mask, device)
         hidden = packed_hidden_states(model, packed)
         return (
             hidden.index_select(0, positions - 1),
@@ -495,7 +506,7 @@ def _response_inputs(model, input_ids, attention_mask, response_mask, share_pref
             _lm_head_weight(model),  # after the forward: under FSDP2 the root's weights are gathered now
             packed.indices.index_select(0, positions),
         )
-    pack, pred, target, flat = _pack_shared_on_host(input_ids, attention_mask, response_mask)
+    pack, pred, target, flat = _pack_shared_on_host(input_ids, attention_mask, response_mask, device)
     hidden = shared_prefix_hidden_states(model, pack)
     return (
         hidden.index_select(0, pred),
@@ -505,11 +516,11 @@ def _response_inputs(model, input_ids, attention_mask, response_mask, share_pref
     )
 
 
-def _pack_shared_on_host(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor):
+def _pack_shared_on_host(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                         device: torch.device):
     """`pack_shared_prefixes` on CPU copies, plus for the M response tokens the stream positions of the
     hidden states that predict them and of the tokens, and their flat positions b·T + t; everything
-    copied to the inputs' device without waiting (as `_pack_on_host`: one wait, for the masks)."""
-    device = input_ids.device
+    copied to `device` without waiting (as `_pack_on_host`: one wait for the masks, none for CPU inputs)."""
     masks = torch.stack((attention_mask, response_mask)).cpu()
     pack = pack_shared_prefixes(input_ids.cpu(), masks[0], masks[1])
     flat = torch.nonzero(masks[1].flatten()).flatten()  # [M] b·T + t, row-major
@@ -549,6 +560,7 @@ def response_logprobs(
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     share_prefixes: bool = False,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Per-token log-probs of the response tokens from one packed forward of an HF causal LM.
 
@@ -559,10 +571,14 @@ def response_logprobs(
     response tokens inside the valid tokens and never at a row's first valid position.
     `share_prefixes=True` packs with `pack_shared_prefixes`: rows with the same prompt (the tokens before
     their first response token: GRPO's group of n samples) compute it once. Same result up to fp order.
+    device: where the forward runs and the result lives; default the inputs' device. On a GPU, inputs
+    on the CPU with device="cuda" are the fast way: the packing runs on the host without waiting for
+    the device (which may still be running the previous micro-batch's backward). Inputs on the GPU
+    cost one wait (the copy of the masks to the host).
     Shapes: input_ids [B, T] int, attention_mask [B, T] bool, response_mask [B, T] bool -> [B, T] fp32.
     """
     hidden, targets, weight, flat = _response_inputs(
-        model, input_ids, attention_mask, response_mask, share_prefixes
+        model, input_ids, attention_mask, response_mask, share_prefixes, device
     )
     lp = logprobs_from_hidden(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
     return _to_padded(lp, flat, input_ids.shape)
@@ -577,6 +593,7 @@ def response_logprobs_and_entropy(
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     share_prefixes: bool = False,
+    device: torch.device | str | None = None,
 ) -> LogprobsEntropy:
     """`response_logprobs` plus the entropy of each response token's next-token distribution.
 
@@ -585,7 +602,7 @@ def response_logprobs_and_entropy(
     Shapes: as `response_logprobs` -> LogprobsEntropy(logprobs [B, T], entropy [B, T]) fp32.
     """
     hidden, targets, weight, flat = _response_inputs(
-        model, input_ids, attention_mask, response_mask, share_prefixes
+        model, input_ids, attention_mask, response_mask, share_prefixes, device
     )
     lp, ent = logprobs_and_entropy(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
     return LogprobsEntropy(

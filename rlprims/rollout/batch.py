@@ -55,6 +55,10 @@ class RolloutBatch(NamedTuple):
     prompt_lengths: Tensor  # [B] int64
     response_lengths: Tensor  # [B] int64, = response_mask.sum(1)
 
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same batch with every tensor on `device` (`generate` returns it on the CPU)."""
+        return type(self)(*(t.to(device) for t in self))
+
 
 def check_prompts(prompt_ids: object, *, vocab_size: int, max_model_len: int) -> list[list[int]]:
     """Validates prompt token ids and returns them as lists of Python ints.

@@ -66,7 +66,7 @@ def test_gpu_choices_for_the_measured_geometries():
     assert small.max_tokens_per_micro_batch == 19456 and not small.checkpointing and small.gather_once
     assert not small.cpu_offload and not small.use_liger
     assert small.shard_kwargs == dict(activation_checkpointing=False, reshard_after_forward=False,
-                                      cpu_offload=False)
+                                      cpu_offload=False, per_layer=True)
     assert small.max_num_seqs == 512 and small.engine_kwargs == dict(
         kv_cache_memory_bytes=small.kv_cache_bytes, enforce_eager=False, enable_sleep_mode=True,
         engine_args={"max_num_seqs": 512})
@@ -79,7 +79,7 @@ def test_gpu_choices_for_the_measured_geometries():
     big = fit_to_memory(args, Q7, total_memory=H200, world_size=1, rows=512)
     assert big.cpu_offload and big.checkpointing and big.gather_once  # 122 GB of fp32 state: to the CPU
     assert big.shard_kwargs == dict(activation_checkpointing=True, reshard_after_forward=False,
-                                    cpu_offload=True)
+                                    cpu_offload=True, per_layer=True)
     assert big.max_tokens_per_micro_batch == 16384
     # 8 ranks share the 7B state: no offload, no gathering (6 bytes/param would be 46 GB on every rank)
     node = fit_to_memory(args, Q7, total_memory=H200, world_size=8, rows=512)
@@ -196,7 +196,7 @@ def test_a_recipe_without_an_engine():
     sft = SimpleNamespace(max_len=256, max_tokens_per_micro_batch=0)
     cpu = fit_to_device(sft, "unused-on-cpu", CPU, rows=0)
     assert cpu.max_tokens_per_micro_batch == 8192 and cpu.shard_kwargs == dict(
-        activation_checkpointing=False, reshard_after_forward=True, cpu_offload=False)
+        activation_checkpointing=False, reshard_after_forward=True, cpu_offload=False, per_layer=True)
     gpu = fit_to_memory(SimpleNamespace(max_len=14000), Q05, total_memory=H200, world_size=1, rows=0)
     assert gpu.kv_cache_bytes == 0 and gpu.sleep_level == 0 and gpu.max_num_seqs is None
     # 2 x max_len is more than a fifth of the GPU allows (19,456): two sequences a micro-batch still
@@ -216,3 +216,12 @@ def test_cpu_offload_as_given():
         fit_to_memory(args(cpu_offload=False), Q7, total_memory=H200, world_size=1, rows=512)
     with pytest.raises(ValueError, match="on the CPU already"):
         fit_to_device(RunArgs(cpu_offload=True), "unused-on-cpu", CPU, rows=16)
+
+
+def test_fsdp_per_layer_as_given():
+    """--fsdp-per-layer: unset = each decoder layer its own FSDP2 unit; false = the whole model one unit."""
+    args = lambda **kw: SimpleNamespace(**WORKLOAD, **kw)  # noqa: E731
+    assert fit_to_memory(args(), Q05, total_memory=H200, world_size=1, rows=512).shard_kwargs["per_layer"]
+    one = fit_to_memory(args(fsdp_per_layer=False), Q05, total_memory=H200, world_size=1, rows=512)
+    assert one.shard_kwargs["per_layer"] is False and one.gather_once
+    assert fit_to_device(SimpleNamespace(fsdp_per_layer=False), "unused-on-cpu", CPU, rows=0).per_layer is False
