@@ -449,8 +449,8 @@ def uses_triton_kernel(hidden: Tensor) -> bool:
     return HAVE_TRITON and hidden.is_cuda and hidden.dtype in _KERNEL_DTYPES
 
 
-def _check_kernel_inputs(hidden, weight, targets, temperature, chunk_size) -> None:
-    _check_inputs(hidden, weight, targets, temperature, chunk_size)
+def _check_kernel_inputs(hidden, weight, targets, temperature, chunk_size, check_targets=True) -> None:
+    _check_inputs(hidden, weight, targets, temperature, chunk_size, check_targets)
     if not HAVE_TRITON:
         raise ValueError("the Triton kernel needs the `triton` package; use rlprims.ops.logprobs instead")
     if hidden.dtype not in _KERNEL_DTYPES:
@@ -471,6 +471,7 @@ def triton_logprobs_and_entropy(
     *,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_targets: bool = True,
 ) -> LogprobsEntropy:
     """Log-prob of each target token and the entropy of each next-token distribution, fused in Triton.
 
@@ -484,7 +485,7 @@ def triton_logprobs_and_entropy(
     Shapes: hidden [N, H], lm_head_weight [V, H] (same dtype: bf16, fp16 or fp32; CUDA, or CPU under
             TRITON_INTERPRET=1), targets [N] int -> LogprobsEntropy(logprobs [N] fp32, entropy [N] fp32).
     """
-    _check_kernel_inputs(hidden, lm_head_weight, targets, temperature, chunk_size)
+    _check_kernel_inputs(hidden, lm_head_weight, targets, temperature, chunk_size, check_targets)
     lp, ent = _FusedLogprobs.apply(
         hidden, lm_head_weight, targets.long().contiguous(), float(temperature), chunk_size, True
     )
@@ -498,13 +499,14 @@ def triton_logprobs_from_hidden(
     *,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_targets: bool = True,
 ) -> Tensor:
     """Log-prob of each target token, fused in Triton (`triton_logprobs_and_entropy` without entropy).
 
     log π(y_n) = z_{n,y_n} − logsumexp(z_n), z_n = (h_n Wᵀ)/τ; the backward skips the entropy terms.
     Shapes: hidden [N, H], lm_head_weight [V, H], targets [N] int -> logprobs [N] fp32.
     """
-    _check_kernel_inputs(hidden, lm_head_weight, targets, temperature, chunk_size)
+    _check_kernel_inputs(hidden, lm_head_weight, targets, temperature, chunk_size, check_targets)
     return _FusedLogprobs.apply(
         hidden, lm_head_weight, targets.long().contiguous(), float(temperature), chunk_size, False
     )
@@ -517,19 +519,23 @@ def logprobs_and_entropy(
     *,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_targets: bool = True,
 ) -> LogprobsEntropy:
     """Log-prob and entropy per token: the Triton kernel where it applies, else the chunked reference.
 
     Kernel when `uses_triton_kernel(hidden)` (CUDA, bf16/fp16/fp32, Triton importable):
-    `triton_logprobs_and_entropy`; otherwise `rlprims.ops.logprobs_and_entropy`. Same math, see those.
+    `triton_logprobs_and_entropy`; otherwise `rlprims.ops.logprobs_and_entropy`. Same math, see those
+    (and for check_targets).
     Shapes: hidden [N, H], lm_head_weight [V, H], targets [N] -> LogprobsEntropy([N], [N]).
     """
     if uses_triton_kernel(hidden):
         return triton_logprobs_and_entropy(
-            hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size
+            hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size,
+            check_targets=check_targets,
         )
     return _reference_logprobs_and_entropy(
-        hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size
+        hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size,
+        check_targets=check_targets,
     )
 
 
@@ -540,6 +546,7 @@ def logprobs_from_hidden(
     *,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_targets: bool = True,
 ) -> Tensor:
     """Log-prob per token: the Triton kernel where it applies, else the chunked reference.
 
@@ -549,8 +556,10 @@ def logprobs_from_hidden(
     """
     if uses_triton_kernel(hidden):
         return triton_logprobs_from_hidden(
-            hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size
+            hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size,
+            check_targets=check_targets,
         )
     return _reference_logprobs_from_hidden(
-        hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size
+        hidden, lm_head_weight, targets, temperature=temperature, chunk_size=chunk_size,
+        check_targets=check_targets,
     )

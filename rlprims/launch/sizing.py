@@ -20,8 +20,8 @@ sleep, 8,192-token micro-batches, no checkpointing), so CPU runs do not change. 
               for the model type (--use-liger; 28 % less activation memory, and faster); micro-batches
               big enough that their GPU work hides the host's per-micro-batch work (~0.15 s on an H200:
               6 · P · T ≥ 6 · 0.4B · 32,768 FLOPs, at least max(16,384, 2 · max_model_len) tokens), with
-              activations ≤ a fifth of the GPU (at 0.5B more would peak over TRL's memory on the
-              GRPO issue's workload), or fewer tokens if they do not fit; activation checkpointing only
+              activations ≤ a quarter of the GPU (at 0.5B: 32,768 tokens, 45.4 GiB peak on the GRPO
+              issue's workload, under TRL's 49.8), or fewer tokens if they do not fit; activation checkpointing only
               when max(16,384, 2 · max_model_len) tokens do not fit without it; parameters gathered
               once per optimizer step (`rlprims.parallel.gather_once`) when that costs ≤ 5 % of the GPU;
               FSDP2 CPU offload when the sharded fp32 state does not fit beside the activations.
@@ -60,7 +60,10 @@ MIN_MICRO_BATCH_TOKENS = 16384  # the smallest micro-batch the fit aims for (bef
 # 27 % MFU at 14k-token micro-batches, 39 % at 23k in benchmarks/micro_batch.py, 42 % at 29k in the GRPO
 # recipe; docs/benchmarks.md). Micro-batches get at least this much work:
 MICRO_BATCH_FLOPS = 6 * 402_000_000 * 32768
-ACTIVATION_SHARE = 0.2  # ... unless their activations would take more than this share of the GPU
+# ... unless their activations would take more than this share of the GPU (0.5B with Liger on an H200:
+# 32,768 tokens, 45.4 GiB peak on the GRPO issue's workload with expandable segments, which `init` sets;
+# without them the caching allocator's fragmentation took the same run to 64.7 GiB)
+ACTIVATION_SHARE = 0.25
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

@@ -259,6 +259,9 @@ def packed_attention_forward(
     sliding window shorter than a sequence, packed position ids without cu_seq_lens.
     """
     if cu_seq_lens_q is None:
+        if attention_mask is not None and _is_no_mask(attention_mask):
+            raise ValueError(f"attention '{PACKED_ATTENTION}' got the packed forward's empty mask but no "
+                             "cu_seq_lens_q: pass cu_seq_lens_q/k and max_length_q/k (see packed_hidden_states)")
         position_ids = kwargs.get("position_ids")
         if (
             attention_mask is None
@@ -286,6 +289,8 @@ def packed_attention_forward(
             softcap=softcap,
             **kwargs,
         )
+    if attention_mask is not None and _is_no_mask(attention_mask):
+        attention_mask = None  # the packed forward's "no mask" (_no_mask): the varlen structure is the mask
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError(
             f"packed attention expects one packed row and no attention mask, got query {tuple(query.shape)} "
@@ -333,6 +338,19 @@ def packed_attention_forward(
         **gathered,
     )
     return out.unsqueeze(0), None
+
+
+def _no_mask(device: torch.device) -> Tensor:
+    """An empty 4-D mask [1, 1, 0, 0] that the packed forward passes as `attention_mask`.
+
+    transformers treats a 4-D mask as prepared and hands it to the attention as is; with None it would
+    look for packed sequences in the position ids first (`find_packed_sequence_indices`), which waits for
+    the device (a `.all()` on the GPU) in every forward. PACKED_ATTENTION reads this mask as "none"."""
+    return torch.empty(1, 1, 0, 0, dtype=torch.bool, device=device)
+
+
+def _is_no_mask(mask: Tensor) -> bool:
+    return mask.dim() == 4 and mask.numel() == 0 and mask.dtype == torch.bool
 
 
 def _padded_mask(*args, attention_mask: Tensor | None = None, **kwargs):
@@ -398,7 +416,7 @@ def _stream_hidden_states(model: nn.Module, input_ids: Tensor, position_ids: Ten
     # `logits_to_keep`); the last entry of `hidden_states` is the backbone's normed output.
     out = model(
         input_ids=input_ids.unsqueeze(0),
-        attention_mask=None,
+        attention_mask=_no_mask(input_ids.device),  # not None: no wait for the device in transformers' masks
         position_ids=position_ids.unsqueeze(0),
         use_cache=False,
         logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
@@ -489,6 +507,15 @@ def _forward_device(input_ids: Tensor, device: torch.device | str | None) -> tor
     return device
 
 
+def _check_response_tokens(input_ids: Tensor, response_mask: Tensor, vocab: int) -> None:
+    """The response tokens (the log-prob targets) lie in [0, V), checked on the host: the kernels are
+    then called with check_targets=False (their check waits for the device). One wait for GPU inputs."""
+    tokens = input_ids.cpu()[response_mask.cpu()]
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"response tokens must lie in [0, V={vocab}) (the LM head's rows), got values in "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+
 def _response_inputs(model, input_ids, attention_mask, response_mask, share_prefixes, device=None):
     """(hidden states that predict the response tokens [M, H], those tokens [M], LM-head weight, the
     tokens' flat positions b·T + t [M]), on `device` (default: the inputs')."""
@@ -497,6 +524,7 @@ def _response_inputs(model, input_ids, attention_mask, response_mask, share_pref
     check_mask("attention_mask", attention_mask, input_ids.shape)
     check_mask("response_mask", response_mask, input_ids.shape)
     device = _forward_device(input_ids, device)
+    _check_response_tokens(input_ids, response_mask, _lm_head_weight(model).shape[0])
     if not share_prefixes:
         packed, positions = _pack_on_host(input_ids, attention_mask, response_mask, device)
         hidden = packed_hidden_states(model, packed)
@@ -580,7 +608,8 @@ def response_logprobs(
     hidden, targets, weight, flat = _response_inputs(
         model, input_ids, attention_mask, response_mask, share_prefixes, device
     )
-    lp = logprobs_from_hidden(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
+    lp = logprobs_from_hidden(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
+                              check_targets=False)  # checked on the host
     return _to_padded(lp, flat, input_ids.shape)
 
 
@@ -604,7 +633,8 @@ def response_logprobs_and_entropy(
     hidden, targets, weight, flat = _response_inputs(
         model, input_ids, attention_mask, response_mask, share_prefixes, device
     )
-    lp, ent = logprobs_and_entropy(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
+    lp, ent = logprobs_and_entropy(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
+                                   check_targets=False)  # checked on the host
     return LogprobsEntropy(
         logprobs=_to_padded(lp, flat, input_ids.shape), entropy=_to_padded(ent, flat, input_ids.shape)
     )

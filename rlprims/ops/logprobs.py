@@ -122,7 +122,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 
 def _check_inputs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk_size: int
+    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk_size: int,
+    check_targets: bool = True,
 ) -> None:
     check_tensor("hidden", hidden, ndim=2, floating=True)
     check_tensor("lm_head_weight", weight, ndim=2, floating=True)
@@ -146,7 +147,7 @@ def _check_inputs(
             f"targets must be an int64/int32 tensor on {hidden.device}, "
             f"got {targets.dtype} on {targets.device}"
         )
-    if targets.numel() > 0:
+    if check_targets and targets.numel() > 0:  # a wait for the device on CUDA
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"targets must lie in [0, V={weight.shape[0]}), got values in [{lo}, {hi}]")
@@ -162,6 +163,7 @@ def logprobs_and_entropy(
     *,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_targets: bool = True,
 ) -> LogprobsEntropy:
     """Log-prob of each target token and the entropy of each next-token distribution, chunked.
 
@@ -178,8 +180,11 @@ def logprobs_and_entropy(
     The LM head must have no bias and no logit scaling/soft-capping (fold those in before calling).
     Shapes: hidden [N, H], lm_head_weight [V, H] (same dtype), targets [N] int64 in [0, V)
             -> LogprobsEntropy(logprobs [N] fp32, entropy [N] fp32). N = 0 is allowed.
+    check_targets=False skips the check that targets lie in [0, V) (on CUDA it waits for the device),
+    for callers that checked them on the host (`rlprims.models.packed` does); out-of-range targets are
+    then undefined behaviour.
     """
-    _check_inputs(hidden, lm_head_weight, targets, temperature, chunk_size)
+    _check_inputs(hidden, lm_head_weight, targets, temperature, chunk_size, check_targets)
     lp, ent = _ChunkedLogprobs.apply(
         hidden, lm_head_weight, targets.long(), float(temperature), chunk_size, True
     )
@@ -193,6 +198,7 @@ def logprobs_from_hidden(
     *,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_targets: bool = True,
 ) -> Tensor:
     """Log-prob of each target token, chunked (`logprobs_and_entropy` without the entropy).
 
@@ -201,7 +207,7 @@ def logprobs_from_hidden(
     entropy reduction in the forward and its terms in the backward.
     Shapes: hidden [N, H], lm_head_weight [V, H], targets [N] int64 -> logprobs [N] fp32.
     """
-    _check_inputs(hidden, lm_head_weight, targets, temperature, chunk_size)
+    _check_inputs(hidden, lm_head_weight, targets, temperature, chunk_size, check_targets)
     return _ChunkedLogprobs.apply(
         hidden, lm_head_weight, targets.long(), float(temperature), chunk_size, False
     )

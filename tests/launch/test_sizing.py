@@ -62,8 +62,8 @@ def test_gpu_choices_for_the_measured_geometries():
     # the rollout batch at once: 512 x 640 tokens x 12,288 bytes (24 layers, 2 kv heads of 64, bf16), +25 %
     assert small.kv_cache_bytes == int(1.25 * 512 * 640 * 12288) + (64 << 20)
     # micro-batches of 32k tokens hide the host's work at 0.5B; without Liger they would take a third of
-    # the GPU (1.5 MB/token), so they stop at a fifth of it
-    assert small.max_tokens_per_micro_batch == 19456 and not small.checkpointing and small.gather_once
+    # the GPU (1.5 MB/token), so they stop at a quarter of it
+    assert small.max_tokens_per_micro_batch == 24576 and not small.checkpointing and small.gather_once
     assert not small.cpu_offload and not small.use_liger
     assert small.shard_kwargs == dict(activation_checkpointing=False, reshard_after_forward=False,
                                       cpu_offload=False, per_layer=True)
@@ -89,15 +89,15 @@ def test_gpu_choices_for_the_measured_geometries():
 def test_liger_where_installed_and_the_micro_batch_it_allows():
     args = SimpleNamespace(**WORKLOAD)
     fused = fit_to_memory(args, Q05, total_memory=H200, world_size=1, rows=512, liger_available=True)
-    # 6 x 0.402B x 32,768 FLOPs per micro-batch would be 34 GiB of activations at Liger's 1.09 MB/token:
-    # a fifth of the GPU (28 GiB) holds 26,624 tokens
-    assert fused.use_liger and fused.max_tokens_per_micro_batch == 26624 and not fused.checkpointing
+    # 6 x 0.402B x 32,768 FLOPs per micro-batch: 34 GiB of activations at Liger's 1.09 MB/token, within
+    # a quarter of the GPU (35 GiB)
+    assert fused.use_liger and fused.max_tokens_per_micro_batch == 32768 and not fused.checkpointing
     off = SimpleNamespace(**WORKLOAD, use_liger=False)
     assert not fit_to_memory(off, Q05, total_memory=H200, world_size=1, rows=512,
                              liger_available=True).use_liger
     on = SimpleNamespace(**WORKLOAD, use_liger=True)  # explicit: load_model then says what is missing
     assert fit_to_memory(on, Q05, total_memory=H200, world_size=1, rows=512).use_liger
-    # a smaller GPU: its fifth is below the 16k floor, which still holds
+    # a smaller GPU: its quarter is below the 16k floor, which still holds
     quarter = fit_to_memory(args, Q05, total_memory=H200 // 2, world_size=1, rows=512, liger_available=True)
     assert quarter.max_tokens_per_micro_batch == 16384
     assert not fit_to_device(RunArgs(), "unused-on-cpu", CPU, rows=16).use_liger
@@ -199,7 +199,7 @@ def test_a_recipe_without_an_engine():
         activation_checkpointing=False, reshard_after_forward=True, cpu_offload=False, per_layer=True)
     gpu = fit_to_memory(SimpleNamespace(max_len=14000), Q05, total_memory=H200, world_size=1, rows=0)
     assert gpu.kv_cache_bytes == 0 and gpu.sleep_level == 0 and gpu.max_num_seqs is None
-    # 2 x max_len is more than a fifth of the GPU allows (19,456): two sequences a micro-batch still
+    # 2 x max_len is more than a quarter of the GPU allows (24,576): two sequences a micro-batch still
     assert gpu.max_tokens_per_micro_batch == 28000 // 1024 * 1024 and gpu.gather_once
     with pytest.raises(ValueError, match="one sequence of 2000000 tokens does not fit"):
         fit_to_memory(SimpleNamespace(max_len=2_000_000), Q05, total_memory=H200, world_size=1, rows=0)

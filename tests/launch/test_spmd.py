@@ -103,6 +103,21 @@ def _torchrun(tmp_path, *args, timeout=120):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def test_cuda_allocator_gets_expandable_segments_unless_configured(monkeypatch):
+    from rlprims.launch.spmd import _expandable_segments
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    _expandable_segments(dict(os.environ))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the user's setting is kept
+        monkeypatch.setenv(name, "max_split_size_mb:128")
+        _expandable_segments(dict(os.environ))
+        assert os.environ[name] == "max_split_size_mb:128"
+        monkeypatch.delenv(name)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
 def test_torchrun_two_ranks_same_world(tmp_path):
     proc = _torchrun(tmp_path, "--mode", "world")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -329,8 +329,17 @@ def test_model_checks():
         response_logprobs(model, ids, attn, attn, temperature=1.0)
     with pytest.raises(ValueError, match="response_mask must have shape"):
         response_logprobs(model, ids, attn, resp[:, 1:], temperature=1.0)
+    for bad in (VOCAB, -1):  # a response token outside the LM head's rows, checked on the host
+        wrong = ids.clone()
+        wrong[resp] = torch.where(torch.arange(int(resp.sum())) == 3, bad, wrong[resp])
+        for share in (False, True):
+            with pytest.raises(ValueError, match=rf"response tokens must lie in \[0, V={VOCAB}\)"):
+                response_logprobs_and_entropy(model, wrong, attn, resp, temperature=1.0, share_prefixes=share)
+    q = torch.zeros(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="empty mask but no cu_seq_lens_q"):  # the packed forward's mask
+        packed_attention_forward(model.model.layers[0].self_attn, q, q[:, :2], q[:, :2],
+                                 torch.empty(1, 1, 0, 0, dtype=torch.bool))
     with pytest.raises(ValueError, match="attention dropout"):
-        q = torch.zeros(1, 4, 3, 8)
         packed_attention_forward(
             model.model.layers[0].self_attn,
             q,
