@@ -61,6 +61,16 @@ def test_fsdp2_sync_on_one_gpu_equals_a_checkpoint(tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_fsdp2_cpu_offload_on_one_gpu(tmp_path):
+    """NCCL world 1 with FSDP2 CPU offload (CPU shards, a GPU-only group): two clipped AdamW steps equal
+    the model kept on the GPU; a DCP checkpoint round-trips weights and Adam state; export_hf loads back
+    (tests/parallel/_offload_worker.py)."""
+    _run([sys.executable, str(REPO / "tests" / "parallel" / "_offload_worker.py"), str(tmp_path), "cuda"],
+         timeout=300)
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["ok"] and r["offloaded"] and r["device"].startswith("cuda"), r
+
+
 def make_byte_chat_model(path: Path) -> str:
     """A random 2-layer Llama with a byte-level tokenizer and a ChatML template (needs no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

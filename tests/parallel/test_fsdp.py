@@ -224,3 +224,22 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 def test_fsdp_gather_step_and_tp_reshard(world):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init")), nprocs=world, join=True)
+
+
+def test_cpu_offload_step_checkpoint_and_export(tmp_path):
+    """tests/parallel/_offload_worker.py on gloo (its CUDA run, the GPU-only group, is in tests/gpu): two
+    clipped AdamW steps of the offloaded model equal the whole model's; a DCP checkpoint restores weights
+    and Adam state exactly; export_hf loads back."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "parallel" / "_offload_worker.py"), str(tmp_path),
+                           "cpu"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["ok"] and not r["offloaded"] and r["device"] == "cpu", r
